@@ -1,0 +1,265 @@
+"""One typed configuration and one loader.
+
+Defaults live in frozen dataclasses. Command-line flags and ``LABELSMART_<SECTION>_<FIELD>`` environment
+variables (for example ``LABELSMART_TRAIN_STEPS=20``) override them, and only inside :func:`load`; no other
+module reads the environment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+IGNORE_INDEX = 255
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Network built by :func:`labelsmart.model.build_model` (segmentation_models_pytorch)."""
+
+    arch: str = "DeepLabV3Plus"  # any smp architecture name: DeepLabV3Plus, Unet, FPN, ...
+    encoder: str = "resnet18"  # any smp / timm ("tu-...") encoder name
+    encoder_weights: str | None = None  # path to a local weights file; nothing is downloaded
+    decoder_channels: int = 128  # width of the decoder features that feed both heads
+    proj_dim: int = 256  # projection head width (contrastive pretraining only)
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """The one preprocessing path shared by training, export, the predictor and the CLI."""
+
+    max_side: int = 320  # images are resized so that their longer side is at most this (working scale)
+    pad_multiple: int = 32  # network input is padded to a multiple of this
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training round: contrastive pretraining, then cross-entropy fine-tuning."""
+
+    steps: int = 300  # optimisation steps of a warm-started round (pretrain + fine-tune)
+    first_round_steps: int = 150  # the first round is short so the first pre-annotation comes soon
+    pretrain_fraction: float = 0.3  # share of a round's steps spent on contrastive pretraining
+    max_round_seconds: float = 0.0  # wall-clock cap per round (0 = none); both stages shrink to fit
+    batch_size: int = 4
+    crop: int = 192  # square training crop at working scale
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    temperature: float = 0.1  # supervised pixel contrastive loss temperature
+    pixels_per_class: int = 64  # labelled pixels sampled per class per image for the contrastive loss
+    device: str = "auto"  # auto | cpu | cuda
+    threads: int = 0  # torch CPU threads (0 = all cores)
+    seed: int = 0
+    val_min_images: int = 10  # hold out images for validation only once this many are labelled
+    val_every: int = 5  # then every n-th labelled image (by id) is held out
+
+
+@dataclass(frozen=True)
+class TriggerConfig:
+    """When the background trainer starts a round."""
+
+    min_new_pixels: int = 500  # new labelled pixels since the last round's snapshot
+    min_interval_s: float = 30.0  # at most one automatic round per interval ("Train now" ignores it)
+    min_classes: int = 2  # a round needs labels of at least this many classes
+    poll_s: float = 1.0
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """ONNX Runtime predictor."""
+
+    threads: int = 0  # ORT intra-op threads (0 = all cores)
+    device: str = "auto"  # auto | cpu | cuda
+    cache_size: int = 64  # predictions kept in memory (all are also cached on disk)
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything a labelsmart process needs to know."""
+
+    dataset: Path | None = None  # folder of images (read-only)
+    image_root: Path | None = None  # where images are listed from (dataset or dataset/images)
+    workdir: Path | None = None  # project state: SQLite store, prediction cache
+    models_dir: Path = Path("models")  # model registry: models/<project>/vNNNN/
+    exports_dir: Path = Path("exports")
+    project: str = "project"
+    classes_file: Path | None = None
+    import_masks: Path | None = None
+    host: str = "127.0.0.1"
+    port: int = 7860
+    author: str = "annotator"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    trigger: TriggerConfig = field(default_factory=TriggerConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+
+    @property
+    def project_models_dir(self) -> Path:
+        """Folder holding this project's model versions."""
+        return self.models_dir / self.project
+
+    @property
+    def db_path(self) -> Path:
+        """The project's SQLite database."""
+        assert self.workdir is not None, "config has no workdir"
+        return self.workdir / "project.sqlite"
+
+
+# Flat flag names (as the CLI spells them) -> (section, field). Top-level fields use section None.
+_SECTIONS = {"model": ModelConfig, "preprocess": PreprocessConfig, "train": TrainConfig,
+             "trigger": TriggerConfig, "serve": ServeConfig}
+FLAG_MAP: dict[str, tuple[str | None, str]] = {
+    "dataset": (None, "dataset"),
+    "workdir": (None, "workdir"),
+    "models_dir": (None, "models_dir"),
+    "exports_dir": (None, "exports_dir"),
+    "classes": (None, "classes_file"),
+    "import_masks": (None, "import_masks"),
+    "host": (None, "host"),
+    "port": (None, "port"),
+    "author": (None, "author"),
+    "arch": ("model", "arch"),
+    "encoder": ("model", "encoder"),
+    "encoder_weights": ("model", "encoder_weights"),
+    "max_side": ("preprocess", "max_side"),
+    "steps": ("train", "steps"),
+    "first_round_steps": ("train", "first_round_steps"),
+    "minutes": ("train", "max_round_seconds"),
+    "device": ("train", "device"),
+    "threads": ("train", "threads"),
+    "seed": ("train", "seed"),
+    "serve_device": ("serve", "device"),
+}
+
+
+def _coerce(value: Any, current: Any, name: str) -> Any:
+    if value is None or isinstance(value, Path):
+        return value
+    if isinstance(current, bool):
+        if isinstance(value, str):
+            return value.strip().lower() in ("1", "true", "yes", "on")
+        return bool(value)
+    if isinstance(current, int) and not isinstance(current, bool):
+        return int(value)
+    if isinstance(current, float):
+        return float(value)
+    if isinstance(current, tuple):
+        if isinstance(value, str):
+            value = [float(v) for v in value.split(",")]
+        return tuple(float(v) for v in value)
+    if isinstance(current, Path) or name in ("dataset", "workdir", "classes_file", "import_masks", "image_root"):
+        return Path(value)
+    if isinstance(value, str) and value.strip().lower() in ("none", ""):
+        return None
+    return value
+
+
+def project_name(dataset: Path | None) -> str:
+    """A stable, readable project name: folder name plus a short hash of its absolute path."""
+    if dataset is None:
+        return "demo"
+    resolved = dataset.resolve()
+    digest = hashlib.sha1(str(resolved).encode()).hexdigest()[:8]
+    return f"{resolved.name or 'root'}-{digest}"
+
+
+def _writable(path: Path) -> bool:
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    return os.access(probe, os.W_OK)
+
+
+def default_workdir(dataset: Path, project: str, env: Mapping[str, str]) -> Path:
+    """``DIR/.labelsmart`` where the data set folder is writable, else a per-user data folder."""
+    inside = dataset / ".labelsmart"
+    if _writable(dataset):
+        return inside
+    base = Path(env.get("XDG_DATA_HOME") or Path(env.get("HOME", ".")) / ".local" / "share")
+    return base / "labelsmart" / "projects" / project
+
+
+def image_root_for(dataset: Path) -> Path:
+    """A folder in the shared layout (``images/`` + ``classes.json`` or ``masks/``) lists from ``images/``."""
+    images = dataset / "images"
+    if images.is_dir() and ((dataset / "classes.json").is_file() or (dataset / "masks").is_dir()):
+        return images
+    return dataset
+
+
+def load(args: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None) -> Config:
+    """Build the configuration from defaults, ``LABELSMART_*`` variables and flags (flags win).
+
+    Args:
+        args: flat flag values, keys as in :data:`FLAG_MAP` (``None`` values are ignored). Keys of the
+            form ``"section.field"`` (for example ``"train.steps"``) reach any field directly.
+        env: environment; ``os.environ`` when omitted.
+
+    Returns:
+        The frozen configuration, with project paths resolved.
+    """
+    env = dict(os.environ if env is None else env)
+    top: dict[str, Any] = {}
+    sections: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
+    defaults = Config()
+
+    def put(section: str | None, name: str, value: Any) -> None:
+        if section is None:
+            current = getattr(defaults, name)
+            top[name] = _coerce(value, current, name)
+        else:
+            current = getattr(getattr(defaults, section), name)
+            if section == "train" and name == "max_round_seconds":
+                value = float(value) * 60.0  # the flag is --minutes
+            sections[section][name] = _coerce(value, current, name)
+
+    for key, value in env.items():
+        if not key.startswith("LABELSMART_") or value == "":
+            continue
+        rest = key[len("LABELSMART_"):].lower()
+        for section in _SECTIONS:
+            if rest.startswith(section + "_"):
+                name = rest[len(section) + 1:]
+                if name in {f.name for f in dataclasses.fields(_SECTIONS[section])}:
+                    current = getattr(getattr(defaults, section), name)
+                    sections[section][name] = _coerce(value, current, name)
+                break
+        else:
+            if rest in {f.name for f in dataclasses.fields(Config)} and rest not in _SECTIONS:
+                top[rest] = _coerce(value, getattr(defaults, rest), rest)
+
+    for key, value in (args or {}).items():
+        if value is None:
+            continue
+        if "." in key:
+            section, name = key.split(".", 1)
+            current = getattr(getattr(defaults, section), name)
+            sections[section][name] = _coerce(value, current, name)
+        elif key in FLAG_MAP:
+            put(*FLAG_MAP[key], value)
+
+    built = {name: dataclasses.replace(getattr(defaults, name), **vals) for name, vals in sections.items()}
+    cfg = dataclasses.replace(defaults, **top, **built)
+
+    dataset = cfg.dataset
+    if dataset is not None:
+        dataset = dataset.expanduser()
+        project = project_name(dataset)
+        image_root = cfg.image_root or image_root_for(dataset)
+        workdir = cfg.workdir or default_workdir(dataset, project, env)
+        classes_file = cfg.classes_file
+        if classes_file is None and (dataset / "classes.json").is_file():
+            classes_file = dataset / "classes.json"
+        cfg = dataclasses.replace(cfg, dataset=dataset, project=project, image_root=image_root,
+                                  workdir=workdir, classes_file=classes_file)
+    return cfg
