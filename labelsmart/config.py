@@ -174,10 +174,11 @@ def project_name(dataset: Path | None) -> str:
 
 
 def _writable(path: Path) -> bool:
+    """Writable by us and not marked read-only (root passes ``os.access``, so the mode bits are checked too)."""
     probe = path
     while not probe.exists():
         probe = probe.parent
-    return os.access(probe, os.W_OK)
+    return os.access(probe, os.W_OK) and bool(probe.stat().st_mode & 0o222)
 
 
 def default_workdir(dataset: Path, project: str, env: Mapping[str, str]) -> Path:

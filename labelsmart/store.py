@@ -203,8 +203,7 @@ class Store:
         self.db_path.parent.mkdir(parents=True, exist_ok=True)
         self.image_root = Path(image_root) if image_root is not None else None
         self._local = threading.local()
-        with self.transaction() as con:
-            con.executescript(SCHEMA)
+        self._con().executescript(SCHEMA)  # executescript manages its own transaction
 
     # ------------------------------------------------------------------------------------ plumbing
 
@@ -512,7 +511,7 @@ class Store:
         return int(r[0]) + 1
 
     def add_model(self, version: int, path: Path, snapshot: Snapshot, status: str = "training") -> None:
-        """Register a model version (not yet published)."""
+        """Register a model version under a given number and path (tests and imports; rounds use begin_model)."""
         with self.transaction() as con:
             con.execute(
                 "INSERT INTO models(version, path, status, metrics, label_revision, labelled_images, labelled_pixels, "
@@ -520,6 +519,22 @@ class Store:
                 (version, str(path), status, "{}", snapshot.max_revision, len(snapshot.revisions),
                  snapshot.labelled_pixels, time.time()),
             )
+
+    def begin_model(self, models_dir: Path, snapshot: Snapshot) -> int:
+        """Allocate the next version number and register it as training, in one transaction.
+
+        Two processes training at once (the background trainer and a CLI round) get different numbers.
+        The version's folder is ``models_dir / f"v{version:04d}"``.
+        """
+        with self.transaction() as con:
+            version = int(con.execute("SELECT COALESCE(MAX(version), 0) FROM models").fetchone()[0]) + 1
+            con.execute(
+                "INSERT INTO models(version, path, status, metrics, label_revision, labelled_images, labelled_pixels, "
+                "created_at) VALUES (?,?,?,?,?,?,?,?)",
+                (version, str(Path(models_dir) / f"v{version:04d}"), "training", "{}", snapshot.max_revision,
+                 len(snapshot.revisions), snapshot.labelled_pixels, time.time()),
+            )
+        return version
 
     def publish_model(self, version: int, metrics: dict[str, Any] | None = None) -> None:
         """Flip a version to published (its files must already be in place)."""

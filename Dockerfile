@@ -1,0 +1,27 @@
+# labelsmart on a CUDA 13 / cuDNN 9 runtime (what torch 2.14.1 and onnxruntime-gpu 1.31.1 are built for).
+#   docker build -t labelsmart .
+#   docker run --gpus all -p 7860:7860 -v /path/to/images:/data -v labelsmart-models:/app/models \
+#       labelsmart --dataset /data
+FROM nvidia/cuda:13.0.1-cudnn-runtime-ubuntu24.04
+
+ENV DEBIAN_FRONTEND=noninteractive \
+    PYTHONUNBUFFERED=1 \
+    GRADIO_ANALYTICS_ENABLED=False \
+    PATH=/opt/venv/bin:$PATH
+
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 python3-venv python3-dev build-essential \
+    && rm -rf /var/lib/apt/lists/* \
+    && python3 -m venv /opt/venv
+
+WORKDIR /app
+COPY requirements.txt .
+RUN pip install --no-cache-dir -r requirements.txt
+COPY app.py README.md ./
+COPY labelsmart ./labelsmart
+RUN mkdir -p models exports
+
+EXPOSE 7860
+# Listen on all interfaces inside the container; publish the port only where you mean to.
+ENTRYPOINT ["python", "app.py", "--host", "0.0.0.0", "--port", "7860"]
+CMD []

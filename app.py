@@ -1,0 +1,80 @@
+"""labelsmart: open a labelling session in the browser, with the trainer in the background.
+
+    python app.py                       # a small demo project made from photos that ship with scikit-image
+    python app.py --dataset DIR         # your own folder of images (nested folders included)
+
+Wiring only: parse arguments, open the store, start the trainer process and the predictor, build the UI,
+launch it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line flags of the labelling app."""
+    p = argparse.ArgumentParser(description="labelsmart labelling session (browser UI + background trainer)")
+    p.add_argument("--dataset", help="folder of images (default: a small demo project)")
+    p.add_argument("--classes", help="JSON list of class names or of {name, color} (default: DIR/classes.json)")
+    p.add_argument("--import-masks", dest="import_masks", help="folder of <stem>.png index masks to load once")
+    p.add_argument("--workdir", help="project state folder (default: DIR/.labelsmart, or a per-user folder)")
+    p.add_argument("--models-dir", dest="models_dir", help="model registry folder (default: models/)")
+    p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default 7860)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="training device (default auto)")
+    p.add_argument("--arch", help="smp architecture (default DeepLabV3Plus)")
+    p.add_argument("--encoder", help="smp encoder (default resnet18)")
+    p.add_argument("--encoder-weights", dest="encoder_weights", help="local encoder weights file")
+    p.add_argument("--author", help="name recorded with each saved label revision")
+    p.add_argument("--no-trainer", action="store_true", help="do not start the background trainer")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Start the app; returns an exit code."""
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from labelsmart import config, demo
+    from labelsmart.imageio import ImageError
+    from labelsmart.predictor import Predictor
+    from labelsmart.project import ProjectError, open_project
+    from labelsmart.store import StoreError
+    from labelsmart.trainer import Supervisor
+    from labelsmart.ui import Session, build_ui
+
+    flags = {k: v for k, v in vars(args).items() if k != "no_trainer"}
+    if flags.get("dataset") is None:
+        flags["dataset"] = str(demo.demo_dataset(demo.default_demo_root(os.environ)))
+    cfg = config.load(flags)
+    try:
+        store = open_project(cfg)
+    except (ProjectError, StoreError, ImageError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    logging.getLogger(__name__).info("project %s; state in %s; models in %s", cfg.project, cfg.workdir,
+                                     cfg.project_models_dir)
+    supervisor = None
+    if not args.no_trainer:
+        supervisor = Supervisor(cfg, store)
+        supervisor.start()
+    predictor = Predictor(store, cfg)
+    predictor.refresh()
+    demo_ui = build_ui(Session(cfg, store, predictor, supervisor))
+    try:
+        demo_ui.queue(default_concurrency_limit=4).launch(
+            server_name=cfg.host, server_port=cfg.port, share=False, show_error=True, quiet=False,
+        )
+    finally:
+        if supervisor is not None:
+            supervisor.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,314 @@
+"""The background trainer: triggers, label snapshots, rounds, publishing, status, supervision.
+
+``run_one_round`` is the one code path that turns the current labels into a published model version; the
+background loop (:class:`TrainerLoop`, in its own process) and ``python -m labelsmart train`` both call it.
+:class:`Supervisor` runs the loop in a child process from ``app.py`` and restarts it if it dies, so a
+crash or an out-of-memory kill in training never takes the UI down.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import shutil
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from labelsmart.config import Config, TriggerConfig
+from labelsmart.store import ModelRow, Store
+
+log = logging.getLogger(__name__)
+
+ProgressFn = Callable[[dict[str, Any]], None]
+
+
+class TrainerError(RuntimeError):
+    """A round cannot run; the message says what the user can do."""
+
+
+def version_dir(cfg: Config, version: int) -> Path:
+    """Registry folder of a model version: ``models/<project>/vNNNN``."""
+    return cfg.project_models_dir / f"v{version:04d}"
+
+
+def newest_published_onnx(cfg: Config, store: Store) -> Path | None:
+    """``model.onnx`` of the newest published version, or None."""
+    row = store.latest_published()
+    return Path(row.path) / "model.onnx" if row else None
+
+
+def newest_published_checkpoint(store: Store) -> Path | None:
+    """``model.pt`` of the newest published version, or None."""
+    row = store.latest_published()
+    return Path(row.path) / "model.pt" if row else None
+
+
+def run_one_round(
+    cfg: Config,
+    store: Store,
+    steps: int | None = None,
+    progress: ProgressFn | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> ModelRow:
+    """Snapshot the labels, train a round (warm-started), export, parity-check and publish a version.
+
+    The version's files are built in a hidden temporary folder and moved into place with one rename;
+    only then is the registry row flipped to published. On any failure the row is marked failed, the
+    temporary folder removed, and the exception re-raised; the last good model keeps serving.
+
+    Args:
+        cfg: configuration.
+        store: the project store.
+        steps: optimisation steps (default: ``first_round_steps`` for the first version, else ``steps``).
+        progress: called with ``{"stage", "step", "total", "loss", "eta_s", ...}`` while it works.
+        should_stop: polled during training; returning True cancels the round.
+
+    Returns:
+        The published registry row.
+    """
+    from labelsmart import export, train  # torch lives there; keep this module light for the UI
+
+    classes = store.classes()
+    if len(classes) < 2:
+        raise TrainerError("a model needs at least two classes; add classes first.")
+    snapshot = store.snapshot()
+    if not snapshot.revisions:
+        raise TrainerError("no labelled images yet; paint some strokes and save them first.")
+    previous = store.latest_published()
+    init = Path(previous.path) / "model.pt" if previous else None
+    if init is not None and not init.is_file():
+        log.warning("previous checkpoint %s is missing; training from scratch", init)
+        init = None
+    if steps is None:
+        steps = cfg.train.steps if previous else cfg.train.first_round_steps
+    version = store.begin_model(cfg.project_models_dir, snapshot)
+    final = version_dir(cfg, version)
+    tmp = final.with_name(f".{final.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    report = progress or (lambda _info: None)
+    started = time.monotonic()
+    try:
+        result = train.run_round(
+            cfg, store, snapshot, version, tmp, init_checkpoint=init, steps=steps, progress=report,
+            should_stop=should_stop,
+        )
+        report({"stage": "exporting", "step": result.steps, "total": result.steps, "eta_s": 0.0})
+        metrics = dict(result.metrics)
+        metrics.update(
+            steps=result.steps, train_seconds=round(result.seconds, 1), device=result.device,
+            labelled_images=len(snapshot.revisions), labelled_pixels=snapshot.labelled_pixels,
+            warm_start=previous.version if init is not None and previous else None,
+        )
+        export.export_onnx(result.checkpoint, tmp / "model.onnx", metrics=metrics)
+        metrics["round_seconds"] = round(time.monotonic() - started, 1)
+        if final.exists():  # a leftover of a crashed earlier attempt at this version number
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        store.publish_model(version, metrics)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        store.fail_model(version, f"{type(exc).__name__}: {exc}")
+        raise
+    log.info("published version %d at %s (%s)", version, final, metrics)
+    row = next(m for m in store.models() if m.version == version)
+    return row
+
+
+# ------------------------------------------------------------------------------------------ triggers
+
+
+@dataclass(frozen=True)
+class TriggerState:
+    """What the trigger rule looks at."""
+
+    new_pixels: int  # labelled pixels saved since the last round's snapshot
+    classes_labelled: int  # classes with at least one labelled pixel
+    train_now: bool  # "Train now" was pressed
+    seconds_since_last_round: float | None  # None before the first round
+    round_running: bool = False
+
+
+def should_start(state: TriggerState, trig: TriggerConfig) -> tuple[bool, str]:
+    """The trigger rule. Returns ``(start, reason)``; the reason is shown while waiting.
+
+    - A round never starts while one is running (saves during a round wait for the next one).
+    - Labels of at least ``min_classes`` classes are needed.
+    - "Train now" starts a round at once, whatever the pixel count and interval.
+    - Otherwise a round starts when ``min_new_pixels`` labelled pixels arrived since the last round's
+      snapshot and at least ``min_interval_s`` passed since the last round ended (the first round does
+      not wait for the interval).
+    """
+    if state.round_running:
+        return False, "a round is running"
+    if state.classes_labelled < trig.min_classes:
+        return False, f"waiting for labels of at least {trig.min_classes} classes"
+    if state.train_now:
+        return True, "Train now"
+    if state.new_pixels < trig.min_new_pixels:
+        return False, f"waiting for new labels ({state.new_pixels}/{trig.min_new_pixels} new labelled pixels)"
+    since = state.seconds_since_last_round
+    if since is not None and since < trig.min_interval_s:
+        return False, f"new labels waiting; next round in {trig.min_interval_s - since:.0f} s"
+    return True, f"{state.new_pixels} new labelled pixels"
+
+
+class TrainerLoop:
+    """The loop the trainer process runs: poll the store, decide, train, publish, report."""
+
+    def __init__(self, cfg: Config, store: Store, clock: Callable[[], float] = time.monotonic) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.clock = clock
+        self.last_round_end: float | None = None
+        self.status: dict[str, Any] = {"state": "waiting", "message": "starting", "pid": os.getpid()}
+        self._last_write = 0.0
+
+    def write_status(self, force: bool = False, **fields: Any) -> None:
+        """Update the status record the UI shows (at most a few writes per second)."""
+        self.status.update(fields)
+        self.status["pid"] = os.getpid()
+        self.status["heartbeat"] = time.time()
+        now = time.monotonic()
+        if force or now - self._last_write > 0.5:
+            self.store.set_status("trainer", self.status)
+            self._last_write = now
+
+    def trigger_state(self) -> TriggerState:
+        """Read what the trigger rule needs from the store."""
+        counts = self.store.class_pixel_counts()
+        since = None if self.last_round_end is None else self.clock() - self.last_round_end
+        if since is None and self.store.models():
+            since = float("inf")  # rounds ran in an earlier session: no interval to wait for
+        return TriggerState(
+            new_pixels=self.store.new_pixels_since(self.store.last_round_revision()),
+            classes_labelled=sum(1 for v in counts.values() if v > 0),
+            train_now=self.store.pending_requests("train_now") > 0,
+            seconds_since_last_round=since,
+        )
+
+    def recover(self) -> None:
+        """Mark rounds that a dead trainer left 'training' as failed, and drop their temporary folders."""
+        for m in self.store.models():
+            if m.status == "training":
+                self.store.fail_model(m.version, "interrupted: the trainer process stopped during this round")
+                shutil.rmtree(Path(m.path).with_name(f".{Path(m.path).name}.tmp"), ignore_errors=True)
+
+    def step(self) -> bool:
+        """One poll: maybe run a round. Returns True if a round ran (published or failed)."""
+        state = self.trigger_state()
+        start, reason = should_start(state, self.cfg.trigger)
+        if not start:
+            self.write_status(state="waiting", message=reason, stage=None, step=None, total=None, eta_s=None)
+            return False
+        self.store.take_requests("train_now")
+        self.write_status(force=True, state="starting", message=f"starting a round ({reason})", error=None)
+
+        def progress(info: dict[str, Any]) -> None:
+            stage = info.get("stage", "training")
+            self.write_status(force=stage != self.status.get("state"), state=stage, message=stage, **info)
+
+        try:
+            row = run_one_round(self.cfg, self.store, progress=progress)
+        except Exception as exc:  # noqa: BLE001 - any failure of a round is reported, never fatal
+            log.error("training round failed: %s\n%s", exc, traceback.format_exc())
+            msg = f"training round failed: {type(exc).__name__}: {exc}"
+            self.store.add_event("error", "trainer", msg)
+            self.write_status(force=True, state="error", message=msg, error=msg)
+        else:
+            self.write_status(
+                force=True, state="waiting", message=f"published version {row.version}", error=None,
+                last_version=row.version,
+            )
+        self.last_round_end = self.clock()
+        return True
+
+    def run(self, stop: Callable[[], bool] = lambda: False) -> None:
+        """Poll until ``stop()`` is true."""
+        self.recover()
+        self.write_status(force=True, state="waiting", message="trainer started")
+        while not stop():
+            if not self.step():
+                time.sleep(self.cfg.trigger.poll_s)
+
+
+def trainer_main(cfg: Config) -> None:
+    """Entry point of the trainer process."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s trainer %(levelname)s %(name)s: %(message)s")
+    store = Store(cfg.db_path, image_root=cfg.image_root)
+    TrainerLoop(cfg, store).run()
+
+
+class Supervisor:
+    """Starts the trainer process, watches it, restarts it when it dies and tells the UI through events."""
+
+    def __init__(self, cfg: Config, store: Store, target: Callable[[Config], None] = trainer_main,
+                 max_restarts: int = 20) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.target = target
+        self.max_restarts = max_restarts
+        self.restarts = 0
+        self._ctx = mp.get_context("spawn")  # never fork a process that holds Gradio's threads
+        self._proc: mp.process.BaseProcess | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def alive(self) -> bool:
+        """Whether the trainer process runs."""
+        return self._proc is not None and self._proc.is_alive()
+
+    @property
+    def pid(self) -> int | None:
+        """The trainer process id."""
+        return self._proc.pid if self._proc is not None else None
+
+    def _spawn(self) -> None:
+        self._proc = self._ctx.Process(target=self.target, args=(self.cfg,), name="labelsmart-trainer", daemon=True)
+        self._proc.start()
+        log.info("trainer process started (pid %s)", self._proc.pid)
+
+    def start(self) -> None:
+        """Start the process and the watcher thread."""
+        self._spawn()
+        self._thread = threading.Thread(target=self._watch, name="trainer-supervisor", daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        backoff = 1.0
+        while not self._stop.wait(1.0):
+            proc = self._proc
+            if proc is None or proc.is_alive():
+                continue
+            code = proc.exitcode
+            if self.restarts >= self.max_restarts:
+                msg = f"trainer process exited with code {code} and was restarted {self.restarts} times; giving up"
+                self.store.add_event("error", "supervisor", msg + " (restart labelsmart to try again).")
+                self.store.set_status("trainer", {"state": "error", "message": msg, "error": msg})
+                return
+            self.restarts += 1
+            msg = f"trainer process exited with code {code}; restarted it (restart {self.restarts})"
+            log.error(msg)
+            self.store.add_event("error", "supervisor", msg)
+            time.sleep(backoff)
+            backoff = min(backoff * 2, 30.0)
+            if not self._stop.is_set():
+                self._spawn()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop watching and end the process."""
+        self._stop.set()
+        proc = self._proc
+        if proc is not None and proc.is_alive():
+            proc.terminate()
+            proc.join(timeout)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(timeout)

@@ -1,0 +1,418 @@
+"""The browser UI: plain handler functions on numpy arrays and ids, and one ``build_ui`` that wires them.
+
+Handlers live on :class:`Session` and never touch Gradio types beyond plain dicts, so they are tested
+without a browser. ``build_ui`` holds all layout and wiring; only ``app.py`` calls ``launch()``.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from labelsmart import imageio
+from labelsmart.config import IGNORE_INDEX, Config
+from labelsmart.store import Store, StoreError
+
+log = logging.getLogger(__name__)
+
+STATE_MARK = {"labelled": "●", "pre-annotated": "◐", "unlabelled": "○"}
+HEARTBEAT_STALE_S = 20.0
+
+
+def hex_color(rgb: tuple[int, int, int] | list[int]) -> str:
+    """``(r, g, b)`` -> ``#rrggbb``."""
+    return "#{:02x}{:02x}{:02x}".format(*[int(v) for v in rgb])
+
+
+@dataclass
+class View:
+    """What the page shows for one image."""
+
+    image_id: int
+    editor: dict[str, Any]  # ImageEditor value: background, layers, composite
+    overlay: np.ndarray | None  # image with the pre-annotation blended over it
+    overlay_info: str  # markdown: model version, confidence, providers
+    image_info: str  # markdown: path, size, state, revisions
+    version: int | None  # model version of the overlay
+
+
+class Session:
+    """The UI's handlers over one project.
+
+    Args:
+        cfg: configuration.
+        store: the project store.
+        predictor: a :class:`labelsmart.predictor.Predictor` (or anything with ``refresh``, ``version``,
+            ``providers`` and ``predict(image_id)``).
+        supervisor: the trainer supervisor, or None when no trainer runs in this process.
+    """
+
+    def __init__(self, cfg: Config, store: Store, predictor: Any, supervisor: Any | None = None) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.predictor = predictor
+        self.supervisor = supervisor
+
+    # ------------------------------------------------------------------------------------- classes
+
+    def colors(self) -> list[tuple[int, int, int]]:
+        """Class colours in id order."""
+        return [c.color for c in self.store.classes()]
+
+    def legend_html(self) -> str:
+        """The class palette as coloured chips."""
+        classes = self.store.classes()
+        if not classes:
+            return "<p><b>No classes yet.</b> Add them under <i>Classes</i> before painting.</p>"
+        chips = "".join(
+            f'<span class="ls-chip" style="display:inline-block;margin:2px 8px 2px 0">'
+            f'<span style="display:inline-block;width:14px;height:14px;border-radius:3px;vertical-align:middle;'
+            f'background:{hex_color(c.color)};border:1px solid #0004"></span> '
+            f'{c.id}: {html.escape(c.name)}</span>'
+            for c in classes
+        )
+        return f'<div class="ls-legend">{chips}</div>'
+
+    def add_class(self, name: str, color: str | None) -> str:
+        """Add a class from the UI; returns a message."""
+        try:
+            row = self.store.add_class(name, color or None)
+        except StoreError as exc:
+            return f"⚠️ {exc}"
+        return f"Added class {row.id}: {row.name}."
+
+    # -------------------------------------------------------------------------------------- images
+
+    def image_choices(self) -> list[tuple[str, int]]:
+        """Dropdown choices ``(mark + path, id)``; marks: ● labelled, ◐ pre-annotated, ○ unlabelled."""
+        return [(f"{STATE_MARK[r.state]} {r.path}", r.id) for r in self.store.images()]
+
+    def first_image(self) -> int:
+        """The first unlabelled image, else the first image."""
+        rows = self.store.images()
+        for r in rows:
+            if r.state != "labelled":
+                return r.id
+        return rows[0].id
+
+    def neighbour(self, image_id: int | None, step: int) -> int:
+        """The image ``step`` places after (or before) ``image_id`` in the list, wrapping around."""
+        ids = [r.id for r in self.store.images()]
+        if image_id not in ids:
+            return ids[0]
+        return ids[(ids.index(image_id) + step) % len(ids)]
+
+    def progress_md(self) -> str:
+        """Counts of labelled / pre-annotated / remaining images."""
+        rows = self.store.images()
+        n = {s: 0 for s in STATE_MARK}
+        for r in rows:
+            n[r.state] += 1
+        return (
+            f"**{len(rows)} images** · ● {n['labelled']} labelled · ◐ {n['pre-annotated']} pre-annotated · "
+            f"○ {n['unlabelled']} unlabelled"
+        )
+
+    def view(self, image_id: int | None, alpha: float = 0.5) -> View:
+        """Everything the page shows for one image: editor with its current labels, pre-annotation overlay."""
+        if image_id is None:
+            image_id = self.first_image()
+        image_id = int(image_id)
+        row = self.store.image(image_id)
+        image = self.store.read_image(image_id)
+        mask = self.store.current_label(image_id)
+        colors = self.colors()
+        layer = imageio.mask_to_rgba(
+            mask if mask is not None else np.full(image.shape[:2], IGNORE_INDEX, np.uint8), colors
+        )
+        editor = {"background": image, "layers": [layer], "composite": None}
+        overlay, overlay_info, version = self.preannotation(image_id, image, alpha)
+        revs = self.store.history(image_id)
+        info = (
+            f"**{html.escape(row.path)}** · {row.width}×{row.height} · {row.state} · "
+            f"{row.labelled_pixels} labelled pixels · {len(revs)} label revision{'s' if len(revs) != 1 else ''}"
+        )
+        return View(image_id, editor, overlay, overlay_info, info, version)
+
+    def preannotation(self, image_id: int, image: np.ndarray | None = None, alpha: float = 0.5,
+                      ) -> tuple[np.ndarray | None, str, int | None]:
+        """The newest model's prediction blended over the image, and a line about it."""
+        self.predictor.refresh()
+        try:
+            pred = self.predictor.predict(image_id)
+        except Exception as exc:  # noqa: BLE001 - a failed prediction must not break the page
+            log.exception("prediction failed for image %s", image_id)
+            return None, f"⚠️ prediction failed: {exc}", None
+        if pred is None:
+            return None, "No model yet: save labels of at least two classes and the trainer starts on its own.", None
+        if image is None:
+            image = self.store.read_image(image_id)
+        classes = self.store.classes()
+        colors = [c.color for c in classes]
+        blended = imageio.overlay(image, pred.mask, colors, alpha=alpha)
+        counts = np.bincount(pred.mask.ravel(), minlength=len(classes))
+        present = ", ".join(
+            f"{html.escape(c.name)} {100 * counts[c.id] / pred.mask.size:.0f}%"
+            for c in classes if c.id < len(counts) and counts[c.id]
+        )
+        providers = ", ".join(p.replace("ExecutionProvider", "") for p in self.predictor.providers)
+        info = (
+            f"Pre-annotation by **model v{pred.version}** · mean confidence **{pred.mean_confidence:.2f}** · "
+            f"ONNX Runtime on {providers}<br>{present}"
+        )
+        return blended, info, pred.version
+
+    def preannotation_layer(self, image_id: int) -> dict[str, Any] | None:
+        """The editor value with the pre-annotation as editable strokes (None if there is no model)."""
+        self.predictor.refresh()
+        pred = self.predictor.predict(int(image_id))
+        if pred is None:
+            return None
+        image = self.store.read_image(int(image_id))
+        return {"background": image, "layers": [imageio.mask_to_rgba(pred.mask, self.colors())], "composite": None}
+
+    # -------------------------------------------------------------------------------------- saving
+
+    def editor_to_mask(self, image_id: int, editor: dict[str, Any] | None) -> np.ndarray:
+        """Merge the editor's layers (later layers win) into one index mask at the image's size."""
+        row = self.store.image(image_id)
+        shape = (row.height, row.width)
+        mask = np.full(shape, IGNORE_INDEX, np.uint8)
+        if not editor:
+            return mask
+        colors = self.colors()
+        for layer in editor.get("layers") or []:
+            if layer is None:
+                continue
+            layer = np.asarray(layer)
+            if layer.ndim == 2:
+                continue
+            if layer.shape[:2] != shape:
+                import cv2
+
+                log.warning("editor layer is %s, image is %s; resizing the layer", layer.shape[:2], shape)
+                layer = cv2.resize(layer, (row.width, row.height), interpolation=cv2.INTER_NEAREST)
+            m = imageio.rgba_to_mask(layer, colors)
+            mask = np.where(m != IGNORE_INDEX, m, mask)
+        return mask
+
+    def save(self, image_id: int | None, editor: dict[str, Any] | None) -> str:
+        """Save the editor's strokes as a new label revision of the image; returns a message."""
+        if image_id is None:
+            return "⚠️ No image selected."
+        image_id = int(image_id)
+        if not self.store.classes():
+            return "⚠️ Add classes before saving labels."
+        mask = self.editor_to_mask(image_id, editor)
+        previous = self.store.current_label(image_id)
+        if previous is not None and np.array_equal(previous, mask):
+            return "Nothing changed since the last save."
+        try:
+            rev = self.store.save_label(image_id, mask, author=self.cfg.author)
+        except StoreError as exc:
+            return f"⚠️ {exc}"
+        n = int((mask != IGNORE_INDEX).sum())
+        return f"Saved revision {rev}: {n} labelled pixels ({time.strftime('%H:%M:%S')})."
+
+    def undo(self, image_id: int | None) -> str:
+        """Undo the last save of the image (appends the previous revision)."""
+        if image_id is None:
+            return "⚠️ No image selected."
+        rev = self.store.undo_label(int(image_id), author=self.cfg.author)
+        return "Nothing to undo." if rev is None else f"Undone: restored the labels before the last save (revision {rev})."
+
+    # ------------------------------------------------------------------------------------- trainer
+
+    def train_now(self) -> str:
+        """Ask the trainer for a round now."""
+        self.store.request("train_now")
+        return "Asked the trainer for a round; it starts as soon as the current one (if any) ends."
+
+    def trainer_md(self) -> str:
+        """What the trainer is doing, in words."""
+        rec = self.store.get_status("trainer")
+        lines = []
+        if rec is None:
+            lines.append("**Trainer:** starting…")
+        else:
+            st, written = rec
+            state = st.get("state", "?")
+            age = time.time() - float(st.get("heartbeat", written))
+            if self.supervisor is not None and not self.supervisor.alive:
+                lines.append("**Trainer:** ⚠️ the trainer process is not running; it is being restarted.")
+            elif age > HEARTBEAT_STALE_S and state not in ("pretraining", "fine-tuning", "exporting", "validating"):
+                lines.append(f"**Trainer:** no sign of life for {age:.0f} s.")
+            if state in ("pretraining", "fine-tuning", "validating", "exporting", "starting"):
+                parts = [f"**Trainer: {state}**"]
+                if st.get("step") is not None and st.get("total"):
+                    parts.append(f"step {st['step']}/{st['total']}")
+                if st.get("loss") is not None:
+                    parts.append(f"loss {float(st['loss']):.3f}")
+                if st.get("eta_s") is not None:
+                    parts.append(f"about {float(st['eta_s']):.0f} s left")
+                if st.get("device"):
+                    parts.append(f"on {st['device']}")
+                lines.append(" · ".join(parts))
+            elif state == "error":
+                lines.append(f"**Trainer:** ⚠️ {html.escape(str(st.get('message', 'error')))} — the last good "
+                             "model keeps serving; save more labels or press Train now to retry.")
+            else:
+                lines.append(f"**Trainer: {state}** — {html.escape(str(st.get('message', '')))}")
+        version = self.predictor.version
+        providers = ", ".join(self.predictor.providers) if version is not None else "—"
+        lines.append(f"Serving model **v{version}** on {providers}" if version is not None else "Serving: no model yet")
+        counts = self.store.class_pixel_counts()
+        if counts:
+            names = {c.id: c.name for c in self.store.classes()}
+            lines.append("Labelled pixels: " + ", ".join(
+                f"{html.escape(names.get(k, str(k)))} {v}" for k, v in sorted(counts.items())))
+        for t, level, source, message in self.store.events(limit=3):
+            if level in ("error", "warning") and time.time() - t < 3600:
+                lines.append(f"⚠️ {time.strftime('%H:%M:%S', time.localtime(t))} {html.escape(message)}")
+        return "<br>".join(lines)
+
+    def versions_rows(self) -> list[list[Any]]:
+        """Rows for the versions table, newest first."""
+        rows = []
+        for m in reversed(self.store.models()):
+            miou = m.metrics.get("val_miou")
+            rows.append([
+                f"v{m.version}", m.status, m.labelled_images, m.labelled_pixels,
+                "" if miou is None else f"{100 * miou:.1f}",
+                m.metrics.get("steps", ""), m.metrics.get("round_seconds", ""),
+                time.strftime("%H:%M:%S", time.localtime(m.published_at or m.created_at)),
+            ])
+        return rows
+
+
+VERSION_HEADERS = ["version", "status", "labelled images", "labelled pixels", "val mIoU %", "steps", "seconds", "time"]
+
+
+def build_ui(session: Session, poll_s: float = 2.0) -> Any:
+    """All layout and wiring of the labelling page. Returns a ``gr.Blocks``; the caller launches it."""
+    import gradio as gr
+
+    def brush() -> gr.Brush:
+        colors = [hex_color(c) for c in session.colors()] or ["#000000"]
+        return gr.Brush(colors=colors, default_color=colors[0], color_mode="fixed", default_size=8)
+
+    with gr.Blocks(title="labelsmart") as demo:
+        current = gr.State(None)  # image id on screen
+        shown_version = gr.State(None)  # model version of the overlay on screen
+        gr.Markdown(f"## labelsmart · {html.escape(session.cfg.project)}")
+        with gr.Row():
+            with gr.Column(scale=1, min_width=240):
+                progress = gr.Markdown(session.progress_md(), elem_id="ls-progress")
+                picker = gr.Dropdown(choices=session.image_choices(), label="Image (● labelled ◐ pre-annotated ○ unlabelled)",
+                                     elem_id="ls-picker", interactive=True)
+                with gr.Row():
+                    prev_btn = gr.Button("◀ Previous", elem_id="ls-prev")
+                    next_btn = gr.Button("Next ▶", elem_id="ls-next")
+                image_info = gr.Markdown(elem_id="ls-image-info")
+                with gr.Accordion("Classes", open=not session.store.classes()):
+                    new_class = gr.Textbox(label="New class name", elem_id="ls-new-class")
+                    new_color = gr.ColorPicker(label="Colour (optional)")
+                    add_class_btn = gr.Button("Add class")
+                    class_msg = gr.Markdown()
+            with gr.Column(scale=3):
+                legend = gr.HTML(session.legend_html(), elem_id="ls-legend")
+                editor = gr.ImageEditor(
+                    type="numpy", format="png", image_mode="RGBA", brush=brush(), eraser=gr.Eraser(default_size=16),
+                    layers=gr.LayerOptions(allow_additional_layers=False, layers=["labels"]), sources=(),
+                    transforms=(), label="Paint labels (brush = class colour, eraser = unlabelled)",
+                    elem_id="ls-editor", height=560, canvas_size=(960, 720),
+                )
+                with gr.Row():
+                    save_btn = gr.Button("💾 Save", variant="primary", elem_id="ls-save")
+                    accept_btn = gr.Button("Use pre-annotation", elem_id="ls-accept")
+                    undo_btn = gr.Button("↶ Undo last save", elem_id="ls-undo")
+                save_msg = gr.Markdown(elem_id="ls-save-msg")
+            with gr.Column(scale=2, min_width=300):
+                overlay = gr.Image(label="Pre-annotation", type="numpy", interactive=False, elem_id="ls-overlay")
+                alpha = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="Overlay opacity")
+                overlay_info = gr.Markdown(elem_id="ls-overlay-info")
+                trainer_md = gr.Markdown(session.trainer_md(), elem_id="ls-trainer")
+                train_btn = gr.Button("Train now", elem_id="ls-train-now")
+                versions = gr.Dataframe(headers=VERSION_HEADERS, value=session.versions_rows(), label="Model versions",
+                                        interactive=False, elem_id="ls-versions")
+
+        def show(image_id: int | None, a: float) -> tuple:
+            v = session.view(image_id, a)
+            return (v.image_id, v.editor, v.overlay, v.overlay_info, v.image_info, v.version,
+                    gr.Dropdown(choices=session.image_choices(), value=v.image_id))
+
+        view_outputs = [current, editor, overlay, overlay_info, image_info, shown_version, picker]
+
+        def step(image_id: int | None, a: float, k: int) -> tuple:
+            return show(session.neighbour(image_id, k), a)
+
+        demo.load(lambda a: show(None, a), inputs=[alpha], outputs=view_outputs, api_name="load")
+        picker.input(show, inputs=[picker, alpha], outputs=view_outputs, api_name="open_image")
+        prev_btn.click(lambda i, a: step(i, a, -1), inputs=[current, alpha], outputs=view_outputs, api_name="previous")
+        next_btn.click(lambda i, a: step(i, a, 1), inputs=[current, alpha], outputs=view_outputs, api_name="next")
+
+        def save(image_id: int | None, value: dict | None) -> tuple:
+            msg = session.save(image_id, value)
+            info = session.view(image_id).image_info if image_id is not None else ""
+            return msg, info, session.progress_md(), gr.Dropdown(choices=session.image_choices(), value=image_id)
+
+        save_btn.click(save, inputs=[current, editor], outputs=[save_msg, image_info, progress, picker], api_name="save")
+
+        def undo(image_id: int | None, a: float) -> tuple:
+            msg = session.undo(image_id)
+            return (msg, *show(image_id, a))
+
+        undo_btn.click(undo, inputs=[current, alpha], outputs=[save_msg, *view_outputs], api_name="undo")
+
+        def accept(image_id: int | None) -> tuple:
+            value = session.preannotation_layer(image_id) if image_id is not None else None
+            if value is None:
+                return gr.skip(), "No pre-annotation yet."
+            return value, "Pre-annotation copied into the editor: correct it, then Save."
+
+        accept_btn.click(accept, inputs=[current], outputs=[editor, save_msg], api_name="use_preannotation")
+
+        def redraw(image_id: int | None, a: float) -> tuple:
+            if image_id is None:
+                return gr.skip(), gr.skip(), gr.skip()
+            ov, info, version = session.preannotation(int(image_id), alpha=a)
+            return ov, info, version
+
+        alpha.release(redraw, inputs=[current, alpha], outputs=[overlay, overlay_info, shown_version])
+
+        def add_class(name: str, color: str | None) -> tuple:
+            msg = session.add_class(name, color)
+            return msg, session.legend_html(), gr.ImageEditor(brush=brush()), ""
+
+        add_class_btn.click(add_class, inputs=[new_class, new_color], outputs=[class_msg, legend, editor, new_class],
+                            api_name="add_class")
+        train_btn.click(session.train_now, outputs=[save_msg], api_name="train_now")
+
+        def poll(image_id: int | None, version: int | None, a: float) -> tuple:
+            session.predictor.refresh()
+            status = session.trainer_md()
+            rows = session.versions_rows()
+            if image_id is not None and session.predictor.version is not None and session.predictor.version != version:
+                ov, info, new_version = session.preannotation(int(image_id), alpha=a)
+                return status, rows, ov, info, new_version, session.progress_md()
+            return status, rows, gr.skip(), gr.skip(), gr.skip(), session.progress_md()
+
+        timer = gr.Timer(poll_s)
+        timer.tick(poll, inputs=[current, shown_version, alpha],
+                   outputs=[trainer_md, versions, overlay, overlay_info, shown_version, progress],
+                   api_name="poll", show_progress="hidden")
+
+        def status() -> str:
+            return session.trainer_md()
+
+        def images() -> list[list]:
+            return [[r.id, r.path, r.state] for r in session.store.images()]
+
+        gr.api(status, api_name="status")
+        gr.api(images, api_name="images")
+    return demo

@@ -1,0 +1,99 @@
+"""Tiny synthetic projects made in tmp_path; nothing here reads ../shared/data."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+CLASSES = [
+    {"id": 0, "name": "sky", "color": [128, 128, 128]},
+    {"id": 1, "name": "road", "color": [128, 64, 128]},
+    {"id": 2, "name": "car", "color": [64, 0, 128]},
+]
+
+
+def synth_scene(seed: int, h: int = 96, w: int = 128) -> tuple[np.ndarray, np.ndarray]:
+    """A street-like toy scene: bright sky on top, dark road below, a red car box somewhere. RGB + mask."""
+    rng = np.random.default_rng(seed)
+    horizon = int(h * rng.uniform(0.35, 0.55))
+    img = np.empty((h, w, 3), np.float32)
+    mask = np.empty((h, w), np.uint8)
+    img[:horizon] = (170, 200, 235)
+    mask[:horizon] = 0
+    img[horizon:] = (70, 70, 75)
+    mask[horizon:] = 1
+    bh, bw = int(h * rng.uniform(0.15, 0.3)), int(w * rng.uniform(0.15, 0.3))
+    y0 = int(rng.integers(horizon - bh // 2, h - bh))
+    x0 = int(rng.integers(0, w - bw))
+    img[y0 : y0 + bh, x0 : x0 + bw] = (200, 30, 30)
+    mask[y0 : y0 + bh, x0 : x0 + bw] = 2
+    img += rng.normal(0, 8, img.shape)
+    return np.clip(img, 0, 255).astype(np.uint8), mask
+
+
+def scribbles(mask: np.ndarray, width: int = 3) -> np.ndarray:
+    """Sparse strokes: a horizontal line through the middle of each class region, the rest unlabelled."""
+    out = np.full_like(mask, 255)
+    for c in np.unique(mask):
+        ys, xs = np.nonzero(mask == c)
+        yc = int(np.median(ys))
+        row = xs[ys == yc]
+        x_lo, x_hi = int(row.min()), int(row.max())
+        sel = np.zeros_like(mask, bool)
+        sel[max(0, yc - width // 2) : yc + width // 2 + 1, x_lo : x_hi + 1] = True
+        out[sel & (mask == c)] = c
+    return out
+
+
+def write_dataset(root: Path, n: int = 8, h: int = 96, w: int = 128, seed0: int = 0) -> Path:
+    """A folder in the shared layout: images/, masks/, classes.json, splits.json."""
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "masks").mkdir(exist_ok=True)
+    names = []
+    for i in range(n):
+        img, mask = synth_scene(seed0 + i, h, w)
+        name = f"frame_{i:03d}"
+        cv2.imwrite(str(root / "images" / f"{name}.png"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+        cv2.imwrite(str(root / "masks" / f"{name}.png"), mask)
+        names.append(name)
+    (root / "classes.json").write_text(json.dumps(CLASSES))
+    half = max(1, n // 2)
+    (root / "splits.json").write_text(json.dumps({"train": names[:half], "val": names[half:]}))
+    return root
+
+
+@pytest.fixture
+def tiny_dataset(tmp_path: Path) -> Path:
+    """8 toy street scenes (96x128, 3 classes) in the shared layout."""
+    return write_dataset(tmp_path / "data")
+
+
+@pytest.fixture
+def tiny_cfg(tiny_dataset: Path, tmp_path: Path):
+    """A fast configuration for the tiny data set (few steps, small crops, everything under tmp_path)."""
+    from labelsmart import config
+
+    return config.load(
+        {
+            "dataset": str(tiny_dataset),
+            "workdir": str(tmp_path / "work"),
+            "models_dir": str(tmp_path / "models"),
+            "train.steps": 12,
+            "train.first_round_steps": 12,
+            "train.crop": 64,
+            "train.batch_size": 2,
+            "train.threads": 1,
+            "preprocess.max_side": 128,
+            "serve.threads": 1,
+            "trigger.min_interval_s": 0,
+            "trigger.poll_s": 0.2,
+        },
+        env={},
+    )

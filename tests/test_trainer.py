@@ -1,0 +1,107 @@
+"""The background trainer: the trigger rule, failure handling, supervision of the process."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import pytest
+
+from labelsmart.config import TriggerConfig
+from labelsmart.project import open_project
+from labelsmart.trainer import Supervisor, TrainerLoop, TriggerState, should_start
+
+TRIG = TriggerConfig(min_new_pixels=100, min_interval_s=30.0, min_classes=2)
+
+
+@pytest.mark.parametrize(
+    ("state", "start"),
+    [
+        (TriggerState(500, 1, False, None), False),  # one class only: nothing to separate
+        (TriggerState(500, 1, True, None), False),  # not even with Train now
+        (TriggerState(50, 2, False, None), False),  # too few new pixels
+        (TriggerState(150, 2, False, None), True),  # first round: no interval to wait for
+        (TriggerState(150, 2, False, 10.0), False),  # too soon after the last round
+        (TriggerState(150, 2, False, 31.0), True),
+        (TriggerState(0, 2, True, 1.0), True),  # Train now ignores pixels and interval
+        (TriggerState(10_000, 3, True, None, round_running=True), False),  # a running round is never restarted
+    ],
+)
+def test_trigger_rule(state: TriggerState, start: bool):
+    assert should_start(state, TRIG)[0] is start
+
+
+def _label(store, image_id: int, classes: tuple[int, ...]) -> None:
+    img = store.image(image_id)
+    m = np.full((img.height, img.width), 255, np.uint8)
+    for i, c in enumerate(classes):
+        m[4 * i : 4 * i + 2, :] = c
+    store.save_label(image_id, m)
+
+
+def test_loop_waits_then_trains_and_a_failed_round_is_reported_not_fatal(tiny_cfg, monkeypatch):
+    from labelsmart import trainer
+
+    store = open_project(tiny_cfg)
+    calls = []
+
+    def fake_round(cfg, st, progress=None, **kw):
+        calls.append(st.snapshot().max_revision)
+        progress({"stage": "pretraining", "step": 1, "total": 2, "loss": 1.0, "eta_s": 1.0})
+        raise MemoryError("out of memory")
+
+    monkeypatch.setattr(trainer, "run_one_round", fake_round)
+    loop = TrainerLoop(tiny_cfg, store)
+    assert loop.step() is False  # nothing labelled
+    assert "at least 2 classes" in store.get_status("trainer")[0]["message"]
+    _label(store, store.images()[0].id, (0, 1))
+    assert loop.step() is True and len(calls) == 1
+    st = store.get_status("trainer")[0]
+    assert st["state"] == "error" and "MemoryError" in st["message"]
+    assert any("MemoryError" in e[3] for e in store.events())
+
+
+def test_train_now_request_is_consumed(tiny_cfg, monkeypatch):
+    from labelsmart import trainer
+
+    store = open_project(tiny_cfg)
+    _label(store, store.images()[0].id, (0, 2))
+    ran = []
+    monkeypatch.setattr(trainer, "run_one_round", lambda cfg, st, progress=None, **kw: ran.append(1) or _Row())
+    loop = TrainerLoop(tiny_cfg, store)
+    store.request("train_now")
+    assert loop.step() is True
+    assert store.pending_requests("train_now") == 0
+    assert store.get_status("trainer")[0]["message"] == "published version 7"
+
+
+class _Row:
+    version = 7
+
+
+def _crash_once(cfg) -> None:  # a trainer process that dies as an OOM kill would
+    from labelsmart.store import Store
+
+    store = Store(cfg.db_path)
+    store.set_status("trainer", {"state": "waiting", "message": f"alive {os.getpid()}", "heartbeat": time.time()})
+    if not store.get_meta("crashed"):
+        store.set_meta("crashed", "1")
+        os._exit(137)
+    while True:
+        time.sleep(0.2)
+
+
+def test_supervisor_restarts_a_dead_trainer_and_says_so(tiny_cfg):
+    store = open_project(tiny_cfg)
+    sup = Supervisor(tiny_cfg, store, target=_crash_once)
+    sup.start()
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and not (sup.restarts == 1 and sup.alive):
+            time.sleep(0.2)
+        assert sup.restarts == 1 and sup.alive
+        assert any("exited with code 137" in e[3] for e in store.events())
+    finally:
+        sup.stop()
+    assert not sup.alive
