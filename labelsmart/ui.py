@@ -234,7 +234,8 @@ class Session:
         return "Asked the trainer for a round; it starts as soon as the current one (if any) ends."
 
     def trainer_md(self) -> str:
-        """What the trainer is doing, in words."""
+        """What the trainer is doing, in words (and which model serves; a newer published one is swapped in)."""
+        self.predictor.refresh()
         rec = self.store.get_status("trainer")
         lines = []
         if rec is None:

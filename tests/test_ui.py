@@ -1,0 +1,161 @@
+"""UI handlers as plain functions, and the launched app driven through gradio_client."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from conftest import CLASSES, scribbles, synth_scene
+
+from labelsmart import imageio
+from labelsmart.predictor import Predictor
+from labelsmart.project import open_project
+from labelsmart.ui import Session
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def session(tiny_cfg) -> Session:
+    store = open_project(tiny_cfg)
+    return Session(tiny_cfg, store, Predictor(store, tiny_cfg))
+
+
+def test_save_merges_layers_and_undo_restores(session: Session):
+    store = session.store
+    img = store.images()[0]
+    view = session.view(img.id)
+    assert view.editor["background"].shape == (img.height, img.width, 3)
+    assert view.overlay is None and "No model yet" in view.overlay_info
+    colors = session.colors()
+    a = np.full((img.height, img.width), 255, np.uint8)
+    a[5:8, 10:60] = 0
+    b = np.full_like(a, 255)
+    b[60:63, 10:60] = 1
+    b[5:8, 10:20] = 2  # a later layer wins where both are painted
+    editor = {"background": view.editor["background"], "layers": [imageio.mask_to_rgba(a, colors),
+                                                                   imageio.mask_to_rgba(b, colors)]}
+    msg = session.save(img.id, editor)
+    assert msg.startswith("Saved revision")
+    saved = store.current_label(img.id)
+    assert (saved[5:8, 10:20] == 2).all() and (saved[5:8, 20:60] == 0).all() and (saved[60:63, 10:60] == 1).all()
+    assert (saved == 255).sum() == saved.size - 3 * 50 - 3 * 50
+    assert session.save(img.id, editor) == "Nothing changed since the last save."
+    assert "●" in dict((i, lbl) for lbl, i in session.image_choices())[img.id]
+    assert session.undo(img.id).startswith("Undone")
+    assert store.image(img.id).state == "unlabelled"
+    assert "1 labelled" not in session.progress_md()
+
+
+def test_editor_layers_of_another_size_are_rescaled(session: Session):
+    img = session.store.images()[0]
+    small = np.zeros((img.height // 2, img.width // 2, 4), np.uint8)
+    small[:, :, :3] = session.colors()[1]
+    small[:, :, 3] = 255
+    mask = session.editor_to_mask(img.id, {"layers": [small]})
+    assert mask.shape == (img.height, img.width) and (mask == 1).all()
+
+
+def test_navigation_and_classes(session: Session):
+    ids = [r.id for r in session.store.images()]
+    assert session.neighbour(ids[0], 1) == ids[1]
+    assert session.neighbour(ids[0], -1) == ids[-1]
+    assert session.add_class("sky", None).startswith("⚠️")  # exists already
+    assert session.add_class("tree", "#00ff00") == "Added class 3: tree."
+    assert "tree" in session.legend_html()
+    assert "Train now" not in session.train_now() or session.store.pending_requests("train_now") == 1
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_app(dataset: Path, tmp: Path, extra_env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+    """Start ``app.py`` on a free port with a fast trainer; returns the process and its URL."""
+    port = _free_port()
+    env = dict(os.environ)
+    env.update(
+        GRADIO_ANALYTICS_ENABLED="False", LABELSMART_TRAIN_STEPS="10", LABELSMART_TRAIN_FIRST_ROUND_STEPS="10",
+        LABELSMART_TRAIN_CROP="64", LABELSMART_TRAIN_BATCH_SIZE="2", LABELSMART_TRAIN_THREADS="1",
+        LABELSMART_PREPROCESS_MAX_SIDE="128", LABELSMART_SERVE_THREADS="1", LABELSMART_TRIGGER_MIN_INTERVAL_S="0",
+        LABELSMART_TRIGGER_MIN_NEW_PIXELS="50", LABELSMART_TRIGGER_POLL_S="0.3", **(extra_env or {}),
+    )
+    log = open(tmp / "app.log", "w")  # noqa: SIM115 - closed with the process
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "app.py"), "--dataset", str(dataset), "--workdir", str(tmp / "work"),
+         "--models-dir", str(tmp / "models"), "--port", str(port)],
+        cwd=tmp, env=env, stdout=log, stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"app exited early:\n{(tmp / 'app.log').read_text()}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return proc, url
+        except OSError:
+            time.sleep(0.5)
+    proc.kill()
+    raise AssertionError(f"app did not start:\n{(tmp / 'app.log').read_text()}")
+
+
+def stop_app(proc: subprocess.Popen) -> None:
+    """End the app and its trainer process."""
+    proc.terminate()
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def wait_for(fn, timeout: float, what: str):
+    """Poll ``fn`` until it returns something truthy."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = fn()
+        if value:
+            return value
+        time.sleep(1.0)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def test_launched_app_save_train_preannotate(tiny_dataset: Path, tmp_path: Path):
+    from gradio_client import Client, handle_file
+
+    proc, url = launch_app(tiny_dataset, tmp_path)
+    try:
+        client = Client(url, verbose=False)
+        images = client.predict(api_name="/images")
+        assert len(images) == 8 and all(state == "unlabelled" for _, _, state in images)
+        first, second = images[0][0], images[1][0]
+        client.predict(first, 0.5, api_name="/open_image")  # the session now shows image `first`
+        img = cv2.cvtColor(cv2.imread(str(tiny_dataset / "images" / images[0][1])), cv2.COLOR_BGR2RGB)
+        _, truth = synth_scene(0)
+        layer = imageio.mask_to_rgba(scribbles(truth), [c["color"] for c in CLASSES])
+        cv2.imwrite(str(tmp_path / "bg.png"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+        cv2.imwrite(str(tmp_path / "layer.png"), cv2.cvtColor(layer, cv2.COLOR_RGBA2BGRA))
+        value = {"background": handle_file(str(tmp_path / "bg.png")), "layers": [handle_file(str(tmp_path / "layer.png"))],
+                 "composite": None, "id": None}
+        msg, *_ = client.predict(value, api_name="/save")
+        assert msg.startswith("Saved revision"), msg
+        assert dict((i, s) for i, _, s in client.predict(api_name="/images"))[first] == "labelled"
+        status = wait_for(lambda: (s := client.predict(api_name="/status")) and "Serving model **v1**" in s and s,
+                          240, "the first model version")
+        assert "CPUExecutionProvider" in status or "CUDAExecutionProvider" in status
+        out = client.predict(second, 0.5, api_name="/open_image")
+        overlay_path, overlay_info = out[1], out[2]  # states are not part of the API: editor, overlay, info, ...
+        assert overlay_path is not None and Path(overlay_path).is_file()
+        assert "model v1" in overlay_info
+    finally:
+        stop_app(proc)
