@@ -329,9 +329,9 @@ def build_ui(session: Session, poll_s: float = 2.0) -> Any:
                     elem_id="ls-editor", height=560, canvas_size=(960, 720),
                 )
                 with gr.Row():
-                    save_btn = gr.Button("💾 Save", variant="primary", elem_id="ls-save")
+                    save_btn = gr.Button("Save", variant="primary", elem_id="ls-save")
                     accept_btn = gr.Button("Use pre-annotation", elem_id="ls-accept")
-                    undo_btn = gr.Button("↶ Undo last save", elem_id="ls-undo")
+                    undo_btn = gr.Button("Undo last save", elem_id="ls-undo")
                 save_msg = gr.Markdown(elem_id="ls-save-msg")
             with gr.Column(scale=2, min_width=300):
                 overlay = gr.Image(label="Pre-annotation", type="numpy", interactive=False, elem_id="ls-overlay")
