@@ -1,0 +1,586 @@
+"""``python -m labelsmart``: train | export | preannotate | evaluate.
+
+Every command logs to stderr, prints its results to stdout, and ends a user error (bad path, unreadable
+file, wrong model) with one ``error: <sentence>`` line on stderr and a non-zero exit code, not a traceback.
+Heavy modules (torch, through the trainer and the exporter) are imported only by the commands that need
+them, so ``preannotate`` and ``evaluate`` run without torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+import cv2
+import numpy as np
+
+from labelsmart import config, imageio
+from labelsmart.config import IGNORE_INDEX, IMAGE_EXTENSIONS
+
+log = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_FAILED = 1  # a user error, or preannotate with images that failed
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class CliError(ValueError):
+    """A user error found by the CLI itself; the message is the one sentence printed."""
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def _setup_logging(verbose: bool = False) -> None:
+    """Our INFO (DEBUG with -v) to stderr, other libraries' WARNING; leaves configured logging alone (tests)."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.WARNING,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    logging.getLogger("labelsmart").setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    from labelsmart.imageio import ImageError
+    from labelsmart.project import ProjectError
+    from labelsmart.store import StoreError
+
+    return (CliError, ImageError, StoreError, ProjectError, ValueError, FileNotFoundError)
+
+
+def _one_line(exc: BaseException) -> str:
+    """The user-facing sentence of an exception, on one line."""
+    if isinstance(exc, FileNotFoundError) and exc.filename:
+        return f"{exc.filename}: not found; check the path."
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
+class TrainProgress:
+    """Prints a training round's progress (``{"stage", "step", "total", "loss", "eta_s", ...}``) with tqdm.
+
+    One bar per stage; the loss and the estimated time left go in the bar's postfix.
+    """
+
+    def __init__(self, file: TextIO | None = None) -> None:
+        self.file = file or sys.stderr
+        self.stage: str | None = None
+        self.bar: Any = None
+
+    def __call__(self, info: dict[str, Any]) -> None:
+        """Update the bar from one progress report."""
+        from tqdm import tqdm
+
+        stage = str(info.get("stage", "training"))
+        total = info.get("total")
+        if stage != self.stage:
+            self.close()
+            self.stage = stage
+            self.bar = tqdm(
+                total=int(total) if total else None,
+                desc=stage,
+                unit="step",
+                file=self.file,
+                dynamic_ncols=True,
+                mininterval=0.5,
+            )
+        step = info.get("step")
+        if step is not None and self.bar is not None:
+            if total and self.bar.total != int(total):
+                self.bar.total = int(total)
+            self.bar.n = int(step)
+            post = {}
+            if info.get("loss") is not None:
+                post["loss"] = f"{float(info['loss']):.4f}"
+            if info.get("eta_s") is not None:
+                post["eta"] = f"{float(info['eta_s']):.0f}s"
+            self.bar.set_postfix(post, refresh=False)
+            self.bar.refresh()
+
+    def close(self) -> None:
+        """Close the open bar."""
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.4f}"
+
+
+def _metrics_line(metrics: dict[str, Any]) -> str:
+    keys = ("miou", "val_miou", "pixel_acc", "steps", "train_seconds", "round_seconds", "device")
+    parts = [f"{k}={metrics[k]}" for k in keys if k in metrics]
+    return "metrics: " + (" ".join(parts) if parts else json.dumps(metrics, sort_keys=True, default=str))
+
+
+def _encode_jpeg(rgb: np.ndarray, quality: int = 90) -> bytes:
+    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:
+        raise ValueError("JPEG encoding failed")
+    return buf.tobytes()
+
+
+def _append_jsonl(fh: TextIO, record: dict[str, Any]) -> None:
+    """Append one JSON line and make it durable before going on."""
+    fh.write(json.dumps(record, sort_keys=False) + "\n")
+    fh.flush()
+    os.fsync(fh.fileno())
+
+
+def _repair_jsonl(path: Path) -> None:
+    """Cut a partial last line (left by a crash in the middle of an append)."""
+    if not path.is_file():
+        return
+    with open(path, "rb+") as fh:
+        size = fh.seek(0, os.SEEK_END)
+        if size == 0:
+            return
+        fh.seek(size - 1)
+        if fh.read(1) == b"\n":
+            return
+        tail = max(0, size - (1 << 16))
+        fh.seek(tail)
+        chunk = fh.read()
+        cut = chunk.rfind(b"\n")
+        fh.truncate(tail + cut + 1 if cut >= 0 else 0)
+        log.warning("%s: dropped a partial last line left by an interrupted run", path)
+
+
+def _manifest_images(path: Path) -> set[str]:
+    """Images that have a line in a manifest (read line by line)."""
+    done: set[str] = set()
+    if not path.is_file():
+        return done
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            try:
+                done.add(json.loads(line)["image"])
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue
+    return done
+
+
+# ------------------------------------------------------------------------------------------------- train
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """One training round on a project, headless."""
+    from labelsmart import trainer
+    from labelsmart.project import open_project
+
+    cfg = config.load(
+        _flags(
+            args,
+            "dataset",
+            "workdir",
+            "models_dir",
+            "classes",
+            "import_masks",
+            "steps",
+            "minutes",
+            "device",
+            "arch",
+            "encoder",
+            "max_side",
+            "threads",
+        )
+    )
+    store = open_project(cfg)
+    progress = TrainProgress()
+    try:
+        row = trainer.run_one_round(cfg, store, steps=args.steps, progress=progress)
+    except trainer.TrainerError as exc:
+        raise CliError(str(exc)) from exc
+    finally:
+        progress.close()
+    onnx_path = Path(row.path) / "model.onnx"
+    print(f"published model v{row.version}: {onnx_path}")
+    print(_metrics_line(row.metrics))
+    return EXIT_OK
+
+
+def _flags(args: argparse.Namespace, *names: str) -> dict[str, Any]:
+    return {n: getattr(args, n, None) for n in names}
+
+
+# ------------------------------------------------------------------------------------------------ export
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """ONNX export of the newest published model of a project, or of a given checkpoint."""
+    from labelsmart import export
+
+    metrics: dict[str, Any] | None = None
+    if args.checkpoint is not None:
+        ckpt = Path(args.checkpoint)
+        if not ckpt.is_file():
+            raise CliError(f"{ckpt}: checkpoint not found; pass --checkpoint a model.pt file.")
+        default_name = ckpt.parent.name if ckpt.stem == "model" else ckpt.stem
+    else:
+        from labelsmart.store import Store
+
+        cfg = config.load(_flags(args, "dataset", "workdir", "models_dir"))
+        if cfg.dataset is None or cfg.workdir is None or not cfg.db_path.is_file():
+            raise CliError(
+                f"{args.dataset}: no labelsmart project here yet; train one with "
+                "`python -m labelsmart train --dataset DIR` first."
+            )
+        store = Store(cfg.db_path, image_root=cfg.image_root)
+        row = store.latest_published()
+        if row is None:
+            raise CliError(f"{cfg.dataset}: the project has no published model yet; train one first.")
+        ckpt = Path(row.path) / "model.pt"
+        if not ckpt.is_file():
+            raise CliError(f"{ckpt}: checkpoint of model v{row.version} is missing from the registry; train again.")
+        metrics = dict(row.metrics)
+        default_name = f"{cfg.project}-v{row.version:04d}"
+    out = Path(args.out) if args.out else Path(config.Config().exports_dir) / f"{default_name}.onnx"
+    if out.suffix != ".onnx":
+        raise CliError(f"{out}: the output must end in .onnx; pass --out exports/NAME.onnx.")
+    try:
+        export.export_onnx(ckpt, out, metrics=metrics)
+    except export.ExportError as exc:
+        raise CliError(str(exc)) from exc
+    print(f"model: {out}")
+    print(f"sidecar: {out.with_suffix('.json')}")
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------------------------------- preannotate
+
+
+def _walk_inputs(images: Path, out: Path) -> Iterator[Path]:
+    """Relative image paths under ``images``, leaving out anything under ``out`` (it may sit inside)."""
+    out_abs = out.resolve()
+    root_abs = images.resolve()
+    inside = out_abs == root_abs or root_abs in out_abs.parents
+    for rel in imageio.list_images(images):
+        if inside:
+            full = (root_abs / rel).resolve()
+            if out_abs in full.parents:
+                continue
+        yield rel
+
+
+def _count_inputs(images: Path, out: Path) -> int:
+    return sum(1 for _ in _walk_inputs(images, out))
+
+
+def _chunks(it: Iterator[Path], n: int) -> Iterator[list[Path]]:
+    chunk: list[Path] = []
+    for item in it:
+        chunk.append(item)
+        if len(chunk) >= n:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def cmd_preannotate(args: argparse.Namespace) -> int:
+    """Pre-annotate a folder of images with an ONNX model: index masks, overlays and a manifest."""
+    from tqdm import tqdm
+
+    from labelsmart.predictor import OnnxModel
+
+    images = Path(args.images)
+    out = Path(args.out)
+    if not images.is_dir():
+        raise CliError(f"{images}: not a folder; pass --images a folder of images.")
+    if out.resolve() == images.resolve():
+        raise CliError(f"{out}: --out is the images folder, and masks would overwrite PNG images; pick another folder.")
+    if args.batch < 1:
+        raise CliError(f"--batch {args.batch}: give a batch size of 1 or more.")
+    model = OnnxModel(Path(args.model), threads=args.threads or None, device=args.device)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest_path = out / "manifest.jsonl"
+    errors_path = out / "errors.jsonl"
+    if args.overwrite:
+        # Start the manifest afresh: every image gets a new line. If this run is cut short, images done
+        # before it keep their masks but lose their line, and the next (resuming) run redoes them.
+        imageio.atomic_write_bytes(manifest_path, b"")
+    _repair_jsonl(manifest_path)
+    _repair_jsonl(errors_path)
+    in_manifest = set() if args.overwrite else _manifest_images(manifest_path)
+
+    names = model.class_names
+    total = _count_inputs(images, out)
+    log.info(
+        "pre-annotating %d images from %s into %s with model v%d on %s",
+        total,
+        images,
+        out,
+        model.version,
+        ", ".join(model.providers),
+    )
+    done = skipped = failed = 0
+    seen_dir: Path | None = None
+    seen_stems: set[str] = set()
+    t0 = time.perf_counter()
+
+    with (
+        open(manifest_path, "a", encoding="utf-8") as manifest,
+        tqdm(
+            total=total, unit="img", desc="pre-annotating", file=sys.stderr, dynamic_ncols=True, mininterval=0.5
+        ) as bar,
+    ):
+        err_fh: TextIO | None = None
+
+        def fail(rel: Path, message: str) -> None:
+            nonlocal failed, err_fh
+            failed += 1
+            tqdm.write(f"skipped {rel.as_posix()}: {message}", file=sys.stderr)
+            if err_fh is None:
+                err_fh = open(errors_path, "a", encoding="utf-8")  # noqa: SIM115 - closed below
+            _append_jsonl(err_fh, {"image": rel.as_posix(), "error": message, "time": time.time()})
+
+        try:
+            for chunk in _chunks(_walk_inputs(images, out), args.batch):
+                todo: list[tuple[Path, np.ndarray]] = []
+                for rel in chunk:
+                    if rel.parent != seen_dir:
+                        seen_dir, seen_stems = rel.parent, set()
+                    mask_rel = rel.with_suffix(".png")
+                    if rel.stem in seen_stems:
+                        fail(
+                            rel,
+                            f"another image in {rel.parent.as_posix() or '.'} has the stem {rel.stem!r}, so "
+                            "their masks would collide; rename one of them.",
+                        )
+                        bar.update(1)
+                        continue
+                    seen_stems.add(rel.stem)
+                    if not args.overwrite and (out / mask_rel).is_file() and rel.as_posix() in in_manifest:
+                        skipped += 1
+                        bar.update(1)
+                        continue
+                    try:
+                        todo.append((rel, imageio.read_image(images / rel)))
+                    except imageio.ImageError as exc:
+                        fail(rel, _one_line(exc))
+                        bar.update(1)
+                if not todo:
+                    continue
+                try:
+                    preds: list[Any] = model.predict_batch([img for _, img in todo])
+                except Exception:  # noqa: BLE001 - find the image that breaks the batch, keep the others
+                    log.warning("a batch failed; predicting its images one by one", exc_info=True)
+                    preds = []
+                    for _rel, img in todo:
+                        try:
+                            preds.append(model.predict(img))
+                        except Exception as exc:  # noqa: BLE001 - one bad image must not stop the run
+                            preds.append(exc)
+                for (rel, img), pred in zip(todo, preds, strict=True):
+                    if isinstance(pred, Exception):
+                        fail(rel, f"inference failed ({_one_line(pred)}); check that the file is a normal photo.")
+                        bar.update(1)
+                        continue
+                    try:
+                        record = _write_outputs(out, rel, img, pred, model.colors, names)
+                    except OSError as exc:
+                        fail(rel, f"cannot write its outputs ({exc}); check the free space and permissions of {out}.")
+                    else:
+                        _append_jsonl(manifest, record)  # only after both files landed
+                        done += 1
+                    bar.update(1)
+                elapsed = time.perf_counter() - t0
+                if done:
+                    bar.set_postfix({"avg img/s": f"{done / elapsed:.1f}"}, refresh=False)
+        finally:
+            if err_fh is not None:
+                err_fh.close()
+
+    print(f"done={done} skipped={skipped} failed={failed}")
+    if failed:
+        print(f"failed images are listed in {errors_path}", file=sys.stderr)
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def _write_outputs(
+    out: Path, rel: Path, image: np.ndarray, pred: Any, colors: Sequence[Sequence[int]], names: Sequence[str]
+) -> dict[str, Any]:
+    """Write the mask and overlay of one image atomically (overlay first, so a mask means both landed)."""
+    mask_rel = rel.with_suffix(".png")
+    overlay_rel = rel.with_name(f"{rel.stem}_overlay.jpg")
+    imageio.atomic_write_bytes(out / overlay_rel, _encode_jpeg(imageio.overlay(image, pred.mask, colors, alpha=0.5)))
+    imageio.atomic_write_bytes(out / mask_rel, imageio.palette_png_bytes(pred.mask, colors))
+    counts = np.bincount(pred.mask.ravel(), minlength=len(names))[: len(names)]
+    n = float(pred.mask.size)
+    return {
+        "image": rel.as_posix(),
+        "mask": mask_rel.as_posix(),
+        "overlay": overlay_rel.as_posix(),
+        "classes_present": [names[i] for i in range(len(names)) if counts[i]],
+        "class_fractions": {names[i]: round(float(counts[i]) / n, 6) for i in range(len(names))},
+        "mean_confidence": round(pred.mean_confidence, 6),
+        "model_version": pred.version,
+        "height": int(pred.mask.shape[0]),
+        "width": int(pred.mask.shape[1]),
+    }
+
+
+# ---------------------------------------------------------------------------------------------- evaluate
+
+
+def _find_image(images_dir: Path, name: str) -> Path:
+    for ext in (".jpg", ".png", *IMAGE_EXTENSIONS):
+        for cand in (images_dir / f"{name}{ext}", images_dir / f"{name}{ext.upper()}"):
+            if cand.is_file():
+                return cand
+    raise CliError(f"{images_dir / name}: no image file with this name (.jpg/.png); check splits.json.")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """mIoU, per-class IoU and pixel accuracy of an ONNX model on a labelled split."""
+    from tqdm import tqdm
+
+    from labelsmart import metrics
+    from labelsmart.predictor import OnnxModel
+    from labelsmart.store import load_classes_file
+
+    dataset = Path(args.dataset)
+    model_path = Path(args.model)
+    if not dataset.is_dir():
+        raise CliError(f"{dataset}: not a folder; pass --dataset a folder with images/, masks/, splits.json.")
+    for need in ("splits.json", "classes.json", "images", "masks"):
+        if not (dataset / need).exists():
+            raise CliError(f"{dataset / need}: missing; --dataset needs images/, masks/, splits.json and classes.json.")
+    try:
+        splits = json.loads((dataset / "splits.json").read_text())
+    except json.JSONDecodeError as exc:
+        raise CliError(f"{dataset / 'splits.json'}: not valid JSON ({exc}); fix it.") from exc
+    if not isinstance(splits, dict) or args.split not in splits:
+        avail = ", ".join(sorted(splits)) if isinstance(splits, dict) else "none"
+        raise CliError(f"{dataset / 'splits.json'}: no split {args.split!r}; pick one of: {avail}.")
+    names_in_split = [str(n) for n in splits[args.split]]
+    if not names_in_split:
+        raise CliError(f"{dataset / 'splits.json'}: split {args.split!r} is empty; pick another.")
+    classes = [name for name, _ in load_classes_file(dataset / "classes.json")]
+
+    model = OnnxModel(model_path, threads=args.threads or None, device=args.device)
+    k = model.num_classes
+    if k != len(classes):
+        raise CliError(
+            f"{model_path}: the model predicts {k} classes but {dataset / 'classes.json'} lists "
+            f"{len(classes)}; evaluate a model trained on these classes."
+        )
+    if model.class_names != classes:
+        log.warning("class names differ: model %s, data set %s (evaluating by id)", model.class_names, classes)
+
+    conf = np.zeros((k, k), dtype=np.int64)
+    for name in tqdm(
+        names_in_split,
+        desc=f"evaluating {args.split}",
+        unit="img",
+        file=sys.stderr,
+        dynamic_ncols=True,
+        mininterval=0.5,
+    ):
+        image = imageio.read_image(_find_image(dataset / "images", name))
+        gt = imageio.read_mask(dataset / "masks" / f"{name}.png", shape=image.shape[:2], num_classes=k)
+        pred = model.predict(image)
+        conf += metrics.confusion_matrix(gt, pred.mask, k, ignore_index=IGNORE_INDEX)
+    res = metrics.scores(conf)
+    per_class = {classes[i]: res["per_class_iou"].get(i) for i in range(k)}
+    report = {
+        "miou": res["miou"],
+        "per_class_iou": per_class,
+        "pixel_acc": res["pixel_acc"],
+        "images": len(names_in_split),
+        "split": args.split,
+        "model": str(model_path),
+        "model_version": model.version,
+    }
+    out = Path(args.out) if args.out else model_path.with_name(f"{model_path.stem}.eval-{args.split}.json")
+    imageio.atomic_write_bytes(out, (json.dumps(report, indent=2) + "\n").encode())
+    width = max(len(c) for c in classes)
+    for name, iou in per_class.items():
+        print(f"  {name:<{width}}  IoU {_fmt(iou)}")
+    print(f"report: {out}")
+    print(f"split={args.split} images={len(names_in_split)} mIoU={res['miou']:.4f} pixel_acc={res['pixel_acc']:.4f}")
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------------------------------------ parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with all subcommands."""
+    p = argparse.ArgumentParser(prog="python -m labelsmart", description=__doc__.splitlines()[0])
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("train", help="one training round on a project, headless")
+    t.add_argument("--dataset", required=True, help="folder of images (or images/ + masks/ + classes.json)")
+    t.add_argument("--workdir", help="project state folder (default DIR/.labelsmart)")
+    t.add_argument("--models-dir", dest="models_dir", help="model registry (default models/)")
+    t.add_argument("--classes", help="classes file: JSON list of names or of {name, color}")
+    t.add_argument("--import-masks", dest="import_masks", help="folder of <stem>.png masks to import as labels")
+    t.add_argument("--steps", type=int, help="optimisation steps of the round")
+    t.add_argument("--minutes", type=float, help="wall-clock cap of the round in minutes")
+    t.add_argument("--device", choices=("auto", "cpu", "cuda"), help="training device")
+    t.add_argument("--arch", help="segmentation_models_pytorch architecture (DeepLabV3Plus, Unet, FPN, ...)")
+    t.add_argument("--encoder", help="encoder name (resnet18, ...)")
+    t.add_argument("--max-side", dest="max_side", type=int, help="working scale: longer image side in pixels")
+    t.add_argument("--threads", type=int, help="CPU threads for training (0 = all cores)")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("export", help="ONNX export (with sidecar JSON) of the newest model or a checkpoint")
+    src = e.add_mutually_exclusive_group(required=True)
+    src.add_argument("--dataset", help="project whose newest published model to export")
+    src.add_argument("--checkpoint", help="a model.pt checkpoint")
+    e.add_argument("--workdir", help="project state folder (with --dataset)")
+    e.add_argument("--models-dir", dest="models_dir", help="model registry (with --dataset)")
+    e.add_argument("--out", help="output .onnx path (default exports/<project>-vNNNN.onnx)")
+    e.set_defaults(func=cmd_export)
+
+    a = sub.add_parser("preannotate", help="pre-annotate a folder of images with an ONNX model (resumable)")
+    a.add_argument("--model", required=True, help="exported .onnx file (its sidecar .json beside it)")
+    a.add_argument("--images", required=True, help="folder of images (nested folders included)")
+    a.add_argument("--out", required=True, help="output folder: masks, overlays, manifest.jsonl, errors.jsonl")
+    a.add_argument("--overwrite", action="store_true", help="redo images that already have a mask")
+    a.add_argument("--batch", type=int, default=4, help="images per inference run (default 4)")
+    a.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (default all cores)")
+    a.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="inference device")
+    a.set_defaults(func=cmd_preannotate)
+
+    v = sub.add_parser("evaluate", help="mIoU of an ONNX model on a labelled split")
+    v.add_argument("--model", required=True, help="exported .onnx file")
+    v.add_argument("--dataset", required=True, help="folder with images/, masks/, splits.json, classes.json")
+    v.add_argument("--split", required=True, help="split name in splits.json")
+    v.add_argument("--out", help="report JSON (default <model stem>.eval-<split>.json beside the model)")
+    v.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (default all cores)")
+    v.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="inference device")
+    v.set_defaults(func=cmd_evaluate)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; returns the exit code (0 = success)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse has printed usage and its one-line error
+        return int(exc.code) if isinstance(exc.code, int) else EXIT_USAGE
+    _setup_logging(args.verbose)
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        print("error: interrupted; run the command again to resume.", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except _user_error_types() as exc:
+        log.debug("user error", exc_info=True)
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_FAILED

@@ -1,0 +1,448 @@
+"""ONNX Runtime inference: one model file, and the UI's predictor with hot swap and a prediction cache.
+
+:class:`OnnxModel` wraps one exported ``.onnx`` file and its sidecar JSON. :class:`Predictor` serves the
+newest published version of a project, swaps to a newer one atomically when it appears, and caches
+predictions per ``(image, version)`` in memory and on disk. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import sqlite3
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from labelsmart import imageio
+from labelsmart.config import Config, PreprocessConfig
+from labelsmart.store import Store
+
+log = logging.getLogger(__name__)
+
+SIDECAR_FORMAT = "labelsmart-onnx/1"
+SIDECAR_KEYS = ("version", "classes", "num_classes", "mean", "std", "max_side", "pad_multiple")
+# Interactive serving meets a new input shape now and then; an exhaustive cuDNN search would make the first
+# prediction at each shape slow, the heuristic picks a good algorithm at once.
+CUDA_OPTIONS = {"cudnn_conv_algo_search": "HEURISTIC"}
+
+
+def load_sidecar(onnx_path: Path) -> dict[str, Any]:
+    """Read and check the sidecar JSON next to an ``.onnx`` file (same stem, ``.json``).
+
+    Raises:
+        ValueError: the sidecar is missing, not JSON, or lacks a required key.
+    """
+    onnx_path = Path(onnx_path)
+    path = onnx_path.with_suffix(".json")
+    hint = "export the model with `python -m labelsmart export` so it has one."
+    if not path.is_file():
+        raise ValueError(f"{path}: sidecar JSON missing; {hint}")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: sidecar JSON is corrupt ({exc}); {hint}") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: sidecar JSON is not an object; {hint}")
+    missing = [k for k in SIDECAR_KEYS if k not in data]
+    if missing:
+        raise ValueError(f"{path}: sidecar JSON lacks {', '.join(missing)}; {hint}")
+    fmt = data.get("format", SIDECAR_FORMAT)
+    if fmt != SIDECAR_FORMAT:
+        raise ValueError(f"{path}: sidecar format {fmt!r} is not {SIDECAR_FORMAT!r}; {hint}")
+    if len(data["classes"]) != int(data["num_classes"]):
+        raise ValueError(
+            f"{path}: sidecar lists {len(data['classes'])} classes but num_classes is {data['num_classes']}; {hint}"
+        )
+    return data
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """A model's answer for one image, at the image's own size.
+
+    The arrays are read-only (they may be shared through the cache); copy them before editing.
+    """
+
+    mask: np.ndarray  # (H, W) uint8 class ids
+    confidence: np.ndarray  # (H, W) float32 in [0, 1], probability of the winning class
+    version: int  # model version that made it
+    mean_confidence: float
+
+
+def _frozen(mask: np.ndarray, conf: np.ndarray, version: int) -> Prediction:
+    mask.setflags(write=False)
+    conf.setflags(write=False)
+    return Prediction(mask=mask, confidence=conf, version=version, mean_confidence=float(conf.mean()))
+
+
+def _providers_for(device: str) -> list[str | tuple[str, dict[str, str]]]:
+    """Execution providers to ask for: CUDA first (when wanted and built in), then CPU."""
+    wanted: list[str | tuple[str, dict[str, str]]] = []
+    if device != "cpu" and "CUDAExecutionProvider" in ort.get_available_providers():
+        wanted.append(("CUDAExecutionProvider", dict(CUDA_OPTIONS)))
+    wanted.append("CPUExecutionProvider")
+    return wanted
+
+
+_ORT_LOG_LOCK = threading.Lock()
+
+
+def _create_session(
+    path: Path, opts: ort.SessionOptions, providers: list[str | tuple[str, dict[str, str]]], quiet: bool
+) -> ort.InferenceSession:
+    """Create an ONNX Runtime session, optionally muting its console errors while it tries the providers.
+
+    With ``quiet`` (device ``auto``) a CUDA provider that cannot load is expected, not an error: ONNX Runtime's
+    own messages about it are muted and the caller logs which providers it got.
+    """
+    if not quiet or len(providers) == 1:
+        return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+    with _ORT_LOG_LOCK:  # the default logger is process-wide
+        ort.set_default_logger_severity(4)
+        try:
+            return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+        finally:
+            ort.set_default_logger_severity(2)  # ONNX Runtime's default (warnings)
+
+
+class OnnxModel:
+    """One ONNX Runtime session over an exported model and its sidecar JSON.
+
+    Args:
+        path: the ``.onnx`` file; ``<stem>.json`` beside it is the sidecar.
+        threads: ONNX Runtime intra-op threads (None or 0 = all cores).
+        device: ``auto`` (CUDA where it loads, else CPU), ``cuda`` (the same, with a warning on fallback) or
+            ``cpu``.
+        version: the version to report instead of the sidecar's (the registry's number wins).
+
+    Raises:
+        FileNotFoundError: the ``.onnx`` file is missing.
+        ValueError: the model file or its sidecar is corrupt or does not fit together.
+    """
+
+    def __init__(
+        self, path: Path, threads: int | None = None, device: str = "auto", version: int | None = None
+    ) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"{self.path}: model file not found; check the path to the .onnx file.")
+        self.sidecar = load_sidecar(self.path)
+        self.version = int(version if version is not None else self.sidecar["version"])
+        self.classes: list[dict[str, Any]] = sorted(self.sidecar["classes"], key=lambda c: int(c["id"]))
+        self.num_classes = int(self.sidecar["num_classes"])
+        self.colors: list[tuple[int, int, int]] = [tuple(int(v) for v in c["color"]) for c in self.classes]
+        self.class_names: list[str] = [str(c["name"]) for c in self.classes]
+        self.pp = PreprocessConfig(
+            max_side=int(self.sidecar["max_side"]),
+            pad_multiple=int(self.sidecar["pad_multiple"]),
+            mean=tuple(float(v) for v in self.sidecar["mean"]),
+            std=tuple(float(v) for v in self.sidecar["std"]),
+        )
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = int(threads or os.cpu_count() or 1)
+        opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        wanted = _providers_for(device)
+        try:
+            self.session = _create_session(self.path, opts, wanted, quiet=device == "auto")
+        except Exception as exc:  # ORT raises its own exception types (InvalidProtobuf, Fail, ...)
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ValueError(
+                f"{self.path}: ONNX Runtime cannot load this model ({first}); export it again with "
+                "`python -m labelsmart export`."
+            ) from exc
+        self.providers: list[str] = list(self.session.get_providers())
+        names_in = [i.name for i in self.session.get_inputs()]
+        names_out = [o.name for o in self.session.get_outputs()]
+        self.input_name = str(self.sidecar.get("input_name", "image"))
+        self.output_name = str(self.sidecar.get("output_name", "logits"))
+        if self.input_name not in names_in or self.output_name not in names_out:
+            raise ValueError(
+                f"{self.path}: model has inputs {names_in} and outputs {names_out} but its sidecar names "
+                f"{self.input_name!r} -> {self.output_name!r}; export it again."
+            )
+        k_dim = next(o for o in self.session.get_outputs() if o.name == self.output_name).shape[1]
+        if isinstance(k_dim, int) and k_dim != self.num_classes:
+            raise ValueError(
+                f"{self.path}: model outputs {k_dim} classes but its sidecar lists {self.num_classes}; export it again."
+            )
+        if len(wanted) > 1 and "CUDAExecutionProvider" not in self.providers:
+            log.log(
+                logging.WARNING if device == "cuda" else logging.INFO,
+                "CUDA execution provider did not load (CUDA 13 / cuDNN 9 libraries missing, or no GPU); using %s",
+                self.providers,
+            )
+        log.info("loaded model v%d from %s on %s", self.version, self.path, self.providers)
+
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.run([self.output_name], {self.input_name: batch})[0]  # (B, K, Hp, Wp)
+
+    def predict(self, image: np.ndarray) -> Prediction:
+        """Predict one RGB uint8 ``(H, W, 3)`` image."""
+        x, meta = imageio.prepare(image, self.pp)  # (3, Hp, Wp)
+        logits = self._run(x[None])  # (1, K, Hp, Wp)
+        mask, conf = imageio.logits_to_mask(logits[0], meta)
+        return _frozen(mask, conf, self.version)
+
+    def predict_batch(self, images: Sequence[np.ndarray]) -> list[Prediction]:
+        """Predict several images; those of the same padded size share one run. Order is kept."""
+        prepared = [imageio.prepare(img, self.pp) for img in images]
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, (_, meta) in enumerate(prepared):
+            groups.setdefault(meta.pad_hw, []).append(i)
+        out: list[Prediction | None] = [None] * len(prepared)
+        for idx in groups.values():
+            batch = np.stack([prepared[i][0] for i in idx])  # (B, 3, Hp, Wp)
+            logits = self._run(batch)  # (B, K, Hp, Wp)
+            for j, i in enumerate(idx):
+                mask, conf = imageio.logits_to_mask(logits[j], prepared[i][1])
+                out[i] = _frozen(mask, conf, self.version)
+        return [p for p in out if p is not None]
+
+
+# ------------------------------------------------------------------------------------------- cache files
+
+
+def encode_prediction(pred: Prediction) -> bytes:
+    """A compressed ``.npz`` of a prediction (confidence quantised to 16 bits)."""
+    buf = io.BytesIO()
+    q = np.round(pred.confidence * 65535.0).astype(np.uint16)
+    np.savez_compressed(buf, mask=pred.mask, confidence=q, version=np.int64(pred.version))
+    return buf.getvalue()
+
+
+def decode_prediction(path: Path, mean_confidence: float | None = None) -> Prediction:
+    """Inverse of :func:`encode_prediction`, read from a file."""
+    with np.load(path, allow_pickle=False) as z:
+        mask = np.ascontiguousarray(z["mask"], dtype=np.uint8)
+        conf = z["confidence"].astype(np.float32) / np.float32(65535.0)
+        version = int(z["version"])
+    pred = _frozen(mask, conf, version)
+    if mean_confidence is not None:
+        pred = Prediction(pred.mask, pred.confidence, version, float(mean_confidence))
+    return pred
+
+
+# ---------------------------------------------------------------------------------------------- predictor
+
+
+class Predictor:
+    """The UI's model: newest published version, atomic hot swap, predictions cached per (image, version).
+
+    Thread-safe: handlers may call :meth:`predict` from several threads while :meth:`refresh` loads a new
+    version; a call sees either the old model or the new one, never a half-loaded one.
+    """
+
+    def __init__(self, store: Store, cfg: Config) -> None:
+        self.store = store
+        self.cfg = cfg
+        root = cfg.workdir if cfg.workdir is not None else store.db_path.parent
+        self.cache_dir = Path(root) / "predictions"
+        self._model: OnnxModel | None = None
+        self._swap_lock = threading.Lock()  # guards self._model
+        self._load_lock = threading.Lock()  # one loader at a time
+        self._cache: OrderedDict[tuple[int, int], Prediction] = OrderedDict()
+        self._cache_lock = threading.Lock()
+        self._key_locks: dict[tuple[int, int], threading.Lock] = {}
+        self._key_guard = threading.Lock()
+        self._failed: set[int] = set()  # versions that failed to load; not retried
+        self.refresh()
+
+    # --------------------------------------------------------------------------------------- model
+
+    @property
+    def model(self) -> OnnxModel | None:
+        """The model now serving (None before the first published version)."""
+        with self._swap_lock:
+            return self._model
+
+    @property
+    def version(self) -> int | None:
+        """Version now serving."""
+        m = self.model
+        return m.version if m is not None else None
+
+    @property
+    def providers(self) -> list[str]:
+        """Execution providers of the serving session (what ONNX Runtime actually gave)."""
+        m = self.model
+        return list(m.providers) if m is not None else []
+
+    @property
+    def colors(self) -> list[tuple[int, int, int]]:
+        """Class colours of the serving model."""
+        m = self.model
+        return list(m.colors) if m is not None else []
+
+    def refresh(self) -> bool:
+        """Load the newest published version if it is newer than the one serving.
+
+        A version that fails to load is logged, recorded as an event and skipped (never retried); the
+        model serving keeps serving, and on first start older published versions are tried in turn.
+
+        Returns immediately (False) when another thread is loading a version right now, so UI handlers that
+        call it on every request never wait for a load.
+
+        Returns:
+            True when a new version was swapped in.
+        """
+        if not self._load_lock.acquire(blocking=False):
+            return False
+        try:
+            current = self.version
+            try:
+                rows = self.store.models()
+            except sqlite3.Error as exc:  # a busy or damaged store must not break the UI's polling
+                log.warning("cannot read the model registry (%s); keeping model v%s", exc, current)
+                return False
+            candidates = [
+                m
+                for m in reversed(rows)
+                if m.status == "published"
+                and (current is None or m.version > current)
+                and m.version not in self._failed
+            ]
+            for row in candidates:
+                path = Path(row.path) / "model.onnx"
+                try:
+                    model = OnnxModel(
+                        path, threads=self.cfg.serve.threads or None, device=self.cfg.serve.device, version=row.version
+                    )
+                except Exception as exc:  # any failure: keep serving the old model
+                    self._failed.add(row.version)
+                    msg = f"model v{row.version} cannot be served: {exc}"
+                    log.error("%s", msg)
+                    try:
+                        self.store.add_event("error", "predictor", msg)
+                    except Exception:  # the store being busy must not take serving down
+                        log.exception("could not record the event")
+                    continue
+                if int(model.sidecar["version"]) != row.version:
+                    log.warning(
+                        "%s: sidecar says version %s, registry says %d; using %d",
+                        path,
+                        model.sidecar["version"],
+                        row.version,
+                        row.version,
+                    )
+                with self._swap_lock:
+                    self._model = model
+                log.info("serving model v%d on %s", row.version, ", ".join(model.providers))
+                return True
+            return False
+        finally:
+            self._load_lock.release()
+
+    # ---------------------------------------------------------------------------------- prediction
+
+    def cache_path(self, image_id: int, version: int) -> Path:
+        """Where the prediction of an image by a version is cached on disk."""
+        return self.cache_dir / f"v{version:04d}" / f"{image_id}.npz"
+
+    def _remember(self, key: tuple[int, int], pred: Prediction) -> None:
+        with self._cache_lock:
+            self._cache[key] = pred
+            self._cache.move_to_end(key)
+            while len(self._cache) > max(0, self.cfg.serve.cache_size):
+                self._cache.popitem(last=False)
+
+    def _cached(self, key: tuple[int, int]) -> Prediction | None:
+        with self._cache_lock:
+            pred = self._cache.get(key)
+            if pred is not None:
+                self._cache.move_to_end(key)
+            return pred
+
+    def _from_disk(self, image_id: int, version: int) -> Prediction | None:
+        row = self.store.prediction(image_id, version)
+        if row is None:
+            return None
+        path, mean_conf = row
+        try:
+            return decode_prediction(Path(path), mean_conf)
+        except Exception as exc:  # a missing or damaged cache file is recomputed
+            log.warning("cached prediction %s unusable (%s); predicting again", path, exc)
+            return None
+
+    def predict(self, image_id: int) -> Prediction | None:
+        """The serving model's prediction for an image, from the cache when it has one.
+
+        Returns:
+            None when no model is published yet.
+
+        Raises:
+            ImageError: the image file cannot be read.
+            StoreError: the image id is unknown.
+        """
+        model = self.model
+        if model is None:
+            return None
+        key = (int(image_id), model.version)
+        pred = self._cached(key)
+        if pred is not None:
+            return pred
+        with self._key_guard:
+            key_lock = self._key_locks.setdefault(key, threading.Lock())
+        try:
+            with key_lock:  # two threads asking for the same image compute it once
+                pred = self._cached(key)
+                if pred is None:
+                    pred = self._from_disk(*key)
+                if pred is None:
+                    pred = self._compute(model, int(image_id))
+                self._remember(key, pred)
+        finally:
+            with self._key_guard:
+                self._key_locks.pop(key, None)
+        return pred
+
+    def _compute(self, model: OnnxModel, image_id: int) -> Prediction:
+        t0 = time.perf_counter()
+        pred = model.predict(self.store.read_image(image_id))
+        path = self.cache_path(image_id, model.version)
+        imageio.atomic_write_bytes(path, encode_prediction(pred))
+        self.store.record_prediction(image_id, model.version, path, pred.mean_confidence)
+        log.debug("predicted image %d with v%d in %.0f ms", image_id, model.version, 1e3 * (time.perf_counter() - t0))
+        return pred
+
+    def predict_many(self, image_ids: Iterable[int], progress: Callable[[int, int], Any] | None = None) -> int:
+        """Pre-annotate several images (for example the next ones in the queue) into the cache.
+
+        Images that cannot be read are logged and skipped. Stops early when the serving version changes,
+        so background work never fills the cache for a replaced model.
+
+        Args:
+            image_ids: images to predict, in order.
+            progress: called as ``progress(done, total)`` after each image.
+
+        Returns:
+            The number of images that now have a prediction by the version that started the work.
+        """
+        ids = list(image_ids)
+        model = self.model
+        if model is None:
+            return 0
+        done = 0
+        for n, image_id in enumerate(ids, 1):
+            if self.version != model.version:
+                log.info("model changed to v%s; stopping pre-annotation by v%d", self.version, model.version)
+                break
+            try:
+                if self.predict(image_id) is not None:
+                    done += 1
+            except (imageio.ImageError, ValueError) as exc:
+                log.warning("pre-annotation of image %d skipped: %s", image_id, exc)
+            if progress is not None:
+                progress(n, len(ids))
+        return done
