@@ -1,0 +1,196 @@
+"""Checkpoint -> ONNX + sidecar JSON, checked with ``onnx.checker`` and against PyTorch before anything is written.
+
+Only the segmentation path (``SegModel.forward``: image -> logits) is exported, with dynamic batch,
+height and width. The file and its sidecar are written to temporary names in the target folder and moved
+into place only after the parity check passes, so a failed export leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+
+from labelsmart.model import SegModel, load_checkpoint
+
+log = logging.getLogger(__name__)
+
+SIDECAR_FORMAT = "labelsmart-onnx/1"
+INPUT_NAME, OUTPUT_NAME = "image", "logits"
+PARITY_SHAPES = ((1, 3, 64, 96), (2, 3, 96, 64))  # differ in batch, height and width; multiples of 32
+PARITY_RTOL = 1e-3  # of the logits' scale (at least 1)
+
+
+class ExportError(RuntimeError):
+    """The export failed or does not match PyTorch; nothing was written."""
+
+
+def _temp_path(out: Path, suffix: str) -> Path:
+    fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=suffix, dir=out.parent)
+    os.close(fd)
+    os.chmod(name, 0o644)  # mkstemp makes 0600; an exported model is meant to be shared
+    return Path(name)
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def _export(model: SegModel, path: Path, opset: int) -> str:
+    """Write ``model.forward`` to ``path``; dynamo exporter first, the TorchScript one if that fails.
+
+    Returns:
+        The exporter used: ``"dynamo"`` or ``"torchscript"``.
+    """
+    example = (torch.rand(*PARITY_SHAPES[0]),)
+    try:
+        batch = torch.export.Dim("batch", min=1, max=1024)
+        height = torch.export.Dim("height", min=32, max=8192)
+        width = torch.export.Dim("width", min=32, max=8192)
+        torch.onnx.export(
+            model,
+            example,
+            str(path),
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            opset_version=opset,
+            dynamo=True,
+            external_data=False,
+            dynamic_shapes={"x": {0: batch, 2: height, 3: width}},
+            verbose=False,
+        )
+        return "dynamo"
+    except Exception as exc:  # the exporter raises many types
+        log.warning("dynamo ONNX exporter failed (%s: %s); trying the TorchScript exporter", type(exc).__name__, exc)
+    axes = {0: "batch", 2: "height", 3: "width"}
+    try:
+        torch.onnx.export(
+            model,
+            example,
+            str(path),
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            opset_version=opset,
+            dynamo=False,
+            dynamic_axes={INPUT_NAME: axes, OUTPUT_NAME: axes},
+        )
+    except Exception as exc:
+        raise ExportError(f"ONNX export failed with both exporters ({type(exc).__name__}: {exc}).") from exc
+    return "torchscript"
+
+
+def check_parity(model: SegModel, onnx_path: Path, threads: int | None = None) -> float:
+    """Largest absolute logit difference between ONNX Runtime (CPU) and PyTorch at :data:`PARITY_SHAPES`.
+
+    Raises:
+        ExportError: a shape differs or a difference exceeds ``PARITY_RTOL`` of the logits' scale.
+    """
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads or torch.get_num_threads()
+    session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+    gen = torch.Generator().manual_seed(0)
+    worst = 0.0
+    for shape in PARITY_SHAPES:
+        x = torch.randn(*shape, generator=gen)  # (B, 3, H, W)
+        with torch.inference_mode():
+            ref = model(x).numpy()  # (B, K, H, W)
+        got = session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0]  # (B, K, H, W)
+        if got.shape != ref.shape:
+            raise ExportError(f"ONNX output shape {got.shape} differs from PyTorch {ref.shape} for input {shape}.")
+        diff = float(np.abs(got - ref).max())
+        tol = PARITY_RTOL * max(1.0, float(np.abs(ref).max()))
+        if not diff <= tol:  # also catches NaN
+            raise ExportError(
+                f"ONNX output differs from PyTorch by {diff:.3g} (tolerance {tol:.3g}) for input {shape}; "
+                "the model was not exported."
+            )
+        worst = max(worst, diff)
+    return worst
+
+
+def export_onnx(checkpoint: Path, out: Path, metrics: dict[str, Any] | None = None, opset: int = 18) -> dict[str, Any]:
+    """Export a checkpoint's segmentation path to ``out`` and write its sidecar ``out.with_suffix(".json")``.
+
+    Args:
+        checkpoint: ``model.pt`` written by :func:`labelsmart.model.save_checkpoint`.
+        out: target ``.onnx`` file; its folder is created.
+        metrics: metrics for the sidecar; the checkpoint's own when None.
+        opset: ONNX opset.
+
+    Returns:
+        The sidecar dictionary.
+
+    Raises:
+        ExportError: export, ``onnx.checker`` or the parity check failed; nothing was written.
+        CheckpointError (a ValueError): the checkpoint is missing or corrupt.
+    """
+    t0 = time.monotonic()
+    out = Path(out)
+    model, ckpt = load_checkpoint(Path(checkpoint))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp_onnx = _temp_path(out, ".onnx.tmp")
+    tmp_json = _temp_path(out.with_suffix(".json"), ".json.tmp")
+    moved = False
+    try:
+        exporter = _export(model, tmp_onnx, opset)
+        try:
+            onnx.checker.check_model(onnx.load(str(tmp_onnx)), full_check=True)
+        except Exception as exc:
+            raise ExportError(f"the exported ONNX graph does not pass onnx.checker ({exc}).") from exc
+        diff = check_parity(model, tmp_onnx)
+        pp = ckpt["preprocess"]
+        sidecar = {
+            "format": SIDECAR_FORMAT,
+            "version": int(ckpt.get("version", 0)),
+            "classes": ckpt["classes"],
+            "num_classes": int(ckpt["num_classes"]),
+            "mean": list(pp["mean"]),
+            "std": list(pp["std"]),
+            "max_side": int(pp["max_side"]),
+            "pad_multiple": int(pp["pad_multiple"]),
+            "input_name": INPUT_NAME,
+            "output_name": OUTPUT_NAME,
+            "output": "logits (B, K, H, W) at input size; softmax over K",
+            "opset": int(opset),
+            "metrics": metrics if metrics is not None else ckpt.get("metrics", {}),
+            "arch": ckpt["model"]["arch"],
+            "encoder": ckpt["model"]["encoder"],
+            "exporter": exporter,
+            "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "parity_max_abs_diff": diff,
+        }
+        tmp_json.write_text(json.dumps(sidecar, indent=2, default=_json_default))
+        _fsync(tmp_onnx)
+        _fsync(tmp_json)
+        os.replace(tmp_onnx, out)
+        moved = True
+        os.replace(tmp_json, out.with_suffix(".json"))
+    except BaseException:
+        for p in (tmp_onnx, tmp_json):
+            p.unlink(missing_ok=True)
+        if moved:
+            out.unlink(missing_ok=True)  # the ONNX file landed but its sidecar did not
+        raise
+    log.info(
+        "exported %s (%s exporter, opset %d, parity %.2g) in %.1f s", out, exporter, opset, diff, time.monotonic() - t0
+    )
+    return sidecar
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")

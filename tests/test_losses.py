@@ -1,0 +1,117 @@
+"""Contrastive loss values by hand, masked cross-entropy, bounded pixel sampling."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from labelsmart.losses import masked_cross_entropy, sample_pixels, supervised_pixel_contrastive_loss
+
+
+def test_contrastive_loss_by_hand_symmetric() -> None:
+    # four unit vectors on the axes; +x and -x are class 0, +y and -y class 1; temperature 1
+    emb = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]])
+    labels = torch.tensor([0, 1, 0, 1])
+    # anchor +x: positive -x (dot -1); others +y, -y (dot 0): -log(e^-1 / (e^0 + e^-1 + e^0)); all anchors alike
+    expected = 1.0 + math.log(2.0 + math.exp(-1.0))
+    got = supervised_pixel_contrastive_loss(emb, labels, temperature=1.0)
+    assert got.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_contrastive_loss_by_hand_anchor_without_positive() -> None:
+    emb = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0]])
+    labels = torch.tensor([0, 0, 1])
+    # anchor 0: positive 1 (dot 0.6), others: 1 (0.6), 2 (0.0)
+    l0 = -0.6 + math.log(math.exp(0.6) + math.exp(0.0))
+    # anchor 1: positive 0 (dot 0.6), others: 0 (0.6), 2 (0.8)
+    l1 = -0.6 + math.log(math.exp(0.6) + math.exp(0.8))
+    # anchor 2 has no positive and is left out of the mean
+    got = supervised_pixel_contrastive_loss(emb, labels, temperature=1.0)
+    assert got.item() == pytest.approx((l0 + l1) / 2, rel=1e-6)
+    # temperature 0.5 doubles every similarity
+    l0 = -1.2 + math.log(math.exp(1.2) + 1.0)
+    l1 = -1.2 + math.log(math.exp(1.2) + math.exp(1.6))
+    got = supervised_pixel_contrastive_loss(emb, labels, temperature=0.5)
+    assert got.item() == pytest.approx((l0 + l1) / 2, rel=1e-6)
+
+
+def test_contrastive_loss_falls_when_classes_cluster() -> None:
+    labels = torch.tensor([0, 0, 1, 1])
+
+    def unit(angles_deg: list[float]) -> torch.Tensor:
+        a = torch.tensor(angles_deg) * math.pi / 180
+        return torch.stack([torch.cos(a), torch.sin(a)], dim=1)
+
+    spread = unit([0, 90, 45, 135])  # same-class pairs 90 degrees apart, classes interleaved
+    together = unit([0, 10, 180, 190])  # same-class pairs 10 degrees apart, classes opposite
+    loss_spread = supervised_pixel_contrastive_loss(spread, labels, 0.1)
+    loss_together = supervised_pixel_contrastive_loss(together, labels, 0.1)
+    assert loss_together < loss_spread
+
+
+def test_contrastive_loss_without_positives_is_zero_with_grad() -> None:
+    emb = F.normalize(torch.randn(3, 8), dim=1).requires_grad_()
+    loss = supervised_pixel_contrastive_loss(emb, torch.tensor([0, 1, 2]), 0.1)
+    assert loss.item() == 0.0
+    loss.backward()
+    assert emb.grad is not None
+
+
+def test_cross_entropy_all_ignored_is_zero_not_nan() -> None:
+    logits = torch.randn(2, 3, 4, 4, requires_grad=True)
+    target = torch.full((2, 4, 4), 255, dtype=torch.long)
+    loss = masked_cross_entropy(logits, target)
+    assert loss.item() == 0.0 and not torch.isnan(loss)
+    loss.backward()
+    assert torch.all(logits.grad == 0)
+
+
+def test_cross_entropy_matches_torch() -> None:
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 5, 6, generator=gen)
+    target = torch.randint(0, 3, (2, 5, 6), generator=gen)
+    target[0, :2] = 255
+    ref = F.cross_entropy(logits, target, ignore_index=255)
+    assert masked_cross_entropy(logits, target).item() == pytest.approx(ref.item(), rel=1e-6)
+    w = torch.tensor([1.0, 2.0, 0.5])
+    ref_w = F.cross_entropy(logits, target, weight=w, ignore_index=255)
+    assert masked_cross_entropy(logits, target, weight=w).item() == pytest.approx(ref_w.item(), rel=1e-6)
+
+
+def test_sample_pixels_bounds_per_class_per_image() -> None:
+    labels = torch.full((2, 20, 30), 255, dtype=torch.long)
+    labels[0, 5, :] = 0  # 30 pixels of class 0
+    labels[0, :, 7] = 1  # 20 pixels of class 1 (one of them overwrites class 0)
+    labels[1, 2:4, 3:5] = 0  # 4 pixels of class 0
+    gen = torch.Generator().manual_seed(0)
+    b, y, x, cls = sample_pixels(labels, per_class=10, generator=gen)
+    assert torch.equal(labels[b, y, x], cls)
+    counts = {}
+    for bi, ci in zip(b.tolist(), cls.tolist(), strict=True):
+        counts[(bi, ci)] = counts.get((bi, ci), 0) + 1
+    assert counts == {(0, 0): 10, (0, 1): 10, (1, 0): 4}
+    flat = b * 600 + y * 30 + x
+    assert flat.unique().numel() == flat.numel()  # without replacement
+    b2, y2, x2, _ = sample_pixels(labels, per_class=10, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(b, b2) and torch.equal(y, y2) and torch.equal(x, x2)
+    empty = sample_pixels(torch.full((1, 4, 4), 255), per_class=5)
+    assert all(t.numel() == 0 for t in empty)
+
+
+def test_contrastive_loss_matches_a_naive_loop() -> None:
+    gen = torch.Generator().manual_seed(1)
+    emb = F.normalize(torch.randn(12, 5, generator=gen), dim=1)
+    labels = torch.tensor([0, 0, 0, 1, 1, 2, 3, 3, 3, 3, 7, 7])  # class 2 has a single sample
+    t = 0.3
+    total, anchors = 0.0, 0
+    for i in range(12):
+        others = [a for a in range(12) if a != i]
+        positives = [p for p in others if labels[p] == labels[i]]
+        if not positives:
+            continue
+        log_den = math.log(sum(math.exp(float(emb[i] @ emb[a]) / t) for a in others))
+        total += -sum(float(emb[i] @ emb[p]) / t - log_den for p in positives) / len(positives)
+        anchors += 1
+    got = supervised_pixel_contrastive_loss(emb, labels, t)
+    assert got.item() == pytest.approx(total / anchors, rel=1e-5)

@@ -1,0 +1,189 @@
+"""One fit -> checkpoint -> ONNX export on a tiny synthetic project; time budget, cancel and failed exports."""
+
+import json
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from labelsmart import config, export
+from labelsmart.export import ExportError, export_onnx
+from labelsmart.model import load_checkpoint
+from labelsmart.project import open_project
+from labelsmart.store import Store
+from labelsmart.train import RoundCancelled, RoundResult, run_round
+
+
+def _scene(rng: np.random.Generator, h: int = 96, w: int = 128) -> tuple[np.ndarray, np.ndarray]:
+    """Sky band on top (class 0), dark ground below (class 1), a red box (class 2); image and dense mask."""
+    horizon = int(rng.integers(30, 50))
+    img = np.empty((h, w, 3), np.float32)
+    mask = np.ones((h, w), np.uint8)
+    img[:horizon], mask[:horizon] = (170, 200, 235), 0
+    img[horizon:] = (60, 60, 65)
+    y0, x0 = int(rng.integers(horizon, h - 24)), int(rng.integers(0, w - 32))
+    img[y0 : y0 + 20, x0 : x0 + 30], mask[y0 : y0 + 20, x0 : x0 + 30] = (200, 30, 30), 2
+    img += rng.normal(0, 6, img.shape)
+    return np.clip(img, 0, 255).astype(np.uint8), mask
+
+
+def _scribble(mask: np.ndarray) -> np.ndarray:
+    """Two-pixel-high strokes through the middle row of each class region."""
+    out = np.full_like(mask, 255)
+    for c in np.unique(mask):
+        ys, _ = np.nonzero(mask == c)
+        yc = int(np.median(ys))
+        band = np.zeros_like(mask, bool)
+        band[yc : yc + 2] = True
+        out[band & (mask == c)] = c
+    return out
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> tuple[config.Config, Store]:
+    data = tmp_path / "scenes"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    masks = {}
+    for i in range(6):
+        img, mask = _scene(rng)
+        cv2.imwrite(str(data / f"s{i}.png"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+        masks[f"s{i}.png"] = mask
+    cfg = config.load(
+        {
+            "dataset": str(data),
+            "workdir": str(tmp_path / "work"),
+            "models_dir": str(tmp_path / "models"),
+            "train.steps": 30,
+            "train.crop": 64,
+            "train.batch_size": 2,
+            "train.threads": 1,
+            "train.val_min_images": 5,
+            "train.val_every": 3,
+            "preprocess.max_side": 128,
+        },
+        env={},
+    )
+    store = open_project(cfg)
+    for name, color in (("sky", (128, 128, 255)), ("ground", (80, 80, 80)), ("box", (255, 0, 0))):
+        store.add_class(name, color)
+    for row in store.images():
+        store.save_label(row.id, _scribble(masks[row.path]))
+    return cfg, store
+
+
+def test_round_then_export_then_failed_export_leaves_nothing(project, tmp_path: Path, monkeypatch) -> None:
+    torch.set_num_threads(1)
+    cfg, store = project
+    events: list[dict] = []
+    out_dir = tmp_path / "models" / "v0001"
+    result = run_round(cfg, store, store.snapshot(), version=1, out_dir=out_dir, progress=events.append)
+
+    assert isinstance(result, RoundResult)
+    assert result.checkpoint == out_dir / "model.pt" and result.checkpoint.is_file()
+    assert result.steps == 30 and result.device == "cpu" and result.version == 1
+    m = result.metrics
+    assert m["train_images"] == 4 and m["val_images"] == 2  # ids at positions 2 and 5 held out
+    assert m["pretrain_steps"] == 9 and m["finetune_steps"] == 21
+    assert np.isfinite(m["train_loss"]) and np.isfinite(m["contrastive_loss"])
+    assert 0.0 <= m["val_miou"] <= 1.0 and 0.0 <= m["val_pixel_acc"] <= 1.0
+    assert set(m["val_per_class_iou"]) == {0, 1, 2}
+    stages = [e["stage"] for e in events]
+    assert stages[0] == "pretraining" and "fine-tuning" in stages and stages[-1] == "validating"
+    assert set(events[0]) == {"stage", "step", "total", "loss", "eta_s", "device"}
+    assert events[-1]["total"] == 30
+
+    model, ckpt = load_checkpoint(result.checkpoint)
+    assert (
+        ckpt["version"] == 1 and ckpt["step"] == 30 and [c["name"] for c in ckpt["classes"]] == ["sky", "ground", "box"]
+    )
+
+    onnx_path = tmp_path / "exports" / "m.onnx"
+    sidecar = export_onnx(result.checkpoint, onnx_path)
+    assert onnx_path.is_file() and onnx_path.with_suffix(".json").is_file()
+    assert json.loads(onnx_path.with_suffix(".json").read_text())["version"] == 1
+    assert sidecar["format"] == "labelsmart-onnx/1" and sidecar["num_classes"] == 3
+    assert sidecar["input_name"] == "image" and sidecar["output_name"] == "logits"
+    assert 0.0 <= sidecar["parity_max_abs_diff"] < 1e-3
+    assert sidecar["metrics"]["val_images"] == 2 and sidecar["max_side"] == 128
+    assert sorted(p.name for p in onnx_path.parent.iterdir()) == ["m.json", "m.onnx"]
+
+    # the exported model takes any batch and size, and agrees with PyTorch on a new one
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    x = torch.rand(3, 3, 128, 160)
+    with torch.no_grad():
+        ref = model(x).numpy()
+    got = session.run(None, {"image": x.numpy()})[0]
+    assert got.shape == (3, 3, 128, 160)
+    np.testing.assert_allclose(got, ref, atol=1e-3)
+
+    # a model whose ONNX output does not match PyTorch is refused and leaves nothing behind
+    monkeypatch.setattr(export, "PARITY_RTOL", -1.0)
+    bad = tmp_path / "bad" / "m.onnx"
+    with pytest.raises(ExportError, match="differs from PyTorch"):
+        export_onnx(result.checkpoint, bad)
+    assert list(bad.parent.iterdir()) == []
+
+
+def test_time_budget_bounds_the_round_and_cancel_stops_it(project, tmp_path: Path) -> None:
+    torch.set_num_threads(1)
+    cfg, store = project
+    cfg = config.load({**_args(cfg), "train.max_round_seconds": 3.0}, env={})
+    t0 = time.monotonic()
+    result = run_round(cfg, store, store.snapshot(), version=2, out_dir=tmp_path / "v2", steps=100_000)
+    took = time.monotonic() - t0
+    assert took < 8.0, f"a 3 s round took {took:.1f} s"
+    assert 2 <= result.steps < 100_000
+    assert result.metrics["pretrain_steps"] >= 1 and result.metrics["finetune_steps"] >= 1
+
+    polls = []
+    with pytest.raises(RoundCancelled):
+        run_round(
+            cfg,
+            store,
+            store.snapshot(),
+            3,
+            tmp_path / "v3",
+            steps=50,
+            should_stop=lambda: polls.append(1) or len(polls) > 2,
+        )
+    assert len(polls) == 3 and not (tmp_path / "v3" / "model.pt").exists()
+
+
+def test_warm_start_survives_a_new_class(project, tmp_path: Path, caplog) -> None:
+    torch.set_num_threads(1)
+    cfg, store = project
+    first = run_round(cfg, store, store.snapshot(), 1, tmp_path / "v1", steps=2)
+    store.add_class("extra")
+    caplog.set_level("INFO", logger="labelsmart.train")
+    second = run_round(cfg, store, store.snapshot(), 2, tmp_path / "v2", init_checkpoint=first.checkpoint, steps=2)
+    assert "class head reset: 3 -> 4 classes" in caplog.text
+    model, ckpt = load_checkpoint(second.checkpoint)
+    assert ckpt["num_classes"] == 4
+    prev, _ = load_checkpoint(first.checkpoint)
+    # same-class warm start: the third round starts from the second's weights exactly (lr 0 keeps them)
+    cfg0 = config.load({**_args(cfg), "train.lr": 0.0}, env={})
+    third = run_round(cfg0, store, store.snapshot(), 3, tmp_path / "v3", init_checkpoint=second.checkpoint, steps=1)
+    again, _ = load_checkpoint(third.checkpoint)
+    key = "net.encoder.conv1.weight"
+    torch.testing.assert_close(again.state_dict()[key], model.state_dict()[key])
+    assert not torch.equal(prev.state_dict()[key], load_checkpoint(tmp_path / "v2" / "model.pt")[0].state_dict()[key])
+
+
+def _args(cfg: config.Config) -> dict:
+    return {
+        "dataset": str(cfg.dataset),
+        "workdir": str(cfg.workdir),
+        "models_dir": str(cfg.models_dir),
+        "train.steps": cfg.train.steps,
+        "train.crop": cfg.train.crop,
+        "train.batch_size": cfg.train.batch_size,
+        "train.threads": 1,
+        "train.val_min_images": cfg.train.val_min_images,
+        "train.val_every": cfg.train.val_every,
+        "preprocess.max_side": cfg.preprocess.max_side,
+    }
