@@ -57,8 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ProjectError, StoreError, ImageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    logging.getLogger(__name__).info("project %s; state in %s; models in %s", cfg.project, cfg.workdir,
-                                     cfg.project_models_dir)
+    logging.getLogger(__name__).info(
+        "project %s; state in %s; models in %s", cfg.project, cfg.workdir, cfg.project_models_dir
+    )
     supervisor = None
     if not args.no_trainer:
         supervisor = Supervisor(cfg, store)
@@ -68,7 +69,11 @@ def main(argv: list[str] | None = None) -> int:
     demo_ui = build_ui(Session(cfg, store, predictor, supervisor))
     try:
         demo_ui.queue(default_concurrency_limit=4).launch(
-            server_name=cfg.host, server_port=cfg.port, share=False, show_error=True, quiet=False,
+            server_name=cfg.host,
+            server_port=cfg.port,
+            share=False,
+            show_error=True,
+            quiet=False,
         )
     finally:
         if supervisor is not None:

@@ -116,8 +116,13 @@ class Config:
 
 
 # Flat flag names (as the CLI spells them) -> (section, field). Top-level fields use section None.
-_SECTIONS = {"model": ModelConfig, "preprocess": PreprocessConfig, "train": TrainConfig,
-             "trigger": TriggerConfig, "serve": ServeConfig}
+_SECTIONS = {
+    "model": ModelConfig,
+    "preprocess": PreprocessConfig,
+    "train": TrainConfig,
+    "trigger": TriggerConfig,
+    "serve": ServeConfig,
+}
 FLAG_MAP: dict[str, tuple[str | None, str]] = {
     "dataset": (None, "dataset"),
     "workdir": (None, "workdir"),
@@ -227,10 +232,10 @@ def load(args: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = 
     for key, value in env.items():
         if not key.startswith("LABELSMART_") or value == "":
             continue
-        rest = key[len("LABELSMART_"):].lower()
+        rest = key[len("LABELSMART_") :].lower()
         for section in _SECTIONS:
             if rest.startswith(section + "_"):
-                name = rest[len(section) + 1:]
+                name = rest[len(section) + 1 :]
                 if name in {f.name for f in dataclasses.fields(_SECTIONS[section])}:
                     current = getattr(getattr(defaults, section), name)
                     sections[section][name] = _coerce(value, current, name)
@@ -261,6 +266,7 @@ def load(args: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = 
         classes_file = cfg.classes_file
         if classes_file is None and (dataset / "classes.json").is_file():
             classes_file = dataset / "classes.json"
-        cfg = dataclasses.replace(cfg, dataset=dataset, project=project, image_root=image_root,
-                                  workdir=workdir, classes_file=classes_file)
+        cfg = dataclasses.replace(
+            cfg, dataset=dataset, project=project, image_root=image_root, workdir=workdir, classes_file=classes_file
+        )
     return cfg

@@ -55,9 +55,22 @@ CREATE TABLE IF NOT EXISTS predictions (
 
 # Distinct, readable default colours for classes created without one (tab10-like, then more).
 DEFAULT_COLORS: list[tuple[int, int, int]] = [
-    (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-    (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207), (255, 215, 0), (0, 128, 128),
-    (128, 0, 128), (0, 0, 255), (255, 0, 0), (0, 255, 0),
+    (31, 119, 180),
+    (255, 127, 14),
+    (44, 160, 44),
+    (214, 39, 40),
+    (148, 103, 189),
+    (140, 86, 75),
+    (227, 119, 194),
+    (127, 127, 127),
+    (188, 189, 34),
+    (23, 190, 207),
+    (255, 215, 0),
+    (0, 128, 128),
+    (128, 0, 128),
+    (0, 0, 255),
+    (255, 0, 0),
+    (0, 255, 0),
 ]
 
 
@@ -296,24 +309,21 @@ class Store:
             )
         return len(rows)
 
+    # An image row with its state: labelled pixels of its newest revision, newest cached prediction.
+    _IMAGE_SQL = """
+        SELECT i.id, i.path, i.width, i.height,
+               COALESCE((SELECT l.labelled_pixels FROM labels l WHERE l.image_id=i.id
+                         ORDER BY l.id DESC LIMIT 1), 0),
+               (SELECT MAX(p.version) FROM predictions p WHERE p.image_id=i.id)
+        FROM images i"""
+
     def images(self) -> list[ImageRow]:
         """All images with their state, in path order."""
-        sql = """
-            SELECT i.id, i.path, i.width, i.height,
-                   COALESCE((SELECT l.labelled_pixels FROM labels l WHERE l.image_id=i.id ORDER BY l.id DESC LIMIT 1), 0),
-                   (SELECT MAX(p.version) FROM predictions p WHERE p.image_id=i.id)
-            FROM images i ORDER BY i.path"""
-        return [ImageRow(*r) for r in self._con().execute(sql)]
+        return [ImageRow(*r) for r in self._con().execute(self._IMAGE_SQL + " ORDER BY i.path")]
 
     def image(self, image_id: int) -> ImageRow:
         """One image by id."""
-        r = self._con().execute(
-            """SELECT i.id, i.path, i.width, i.height,
-               COALESCE((SELECT l.labelled_pixels FROM labels l WHERE l.image_id=i.id ORDER BY l.id DESC LIMIT 1), 0),
-               (SELECT MAX(p.version) FROM predictions p WHERE p.image_id=i.id)
-               FROM images i WHERE i.id=?""",
-            (image_id,),
-        ).fetchone()
+        r = self._con().execute(self._IMAGE_SQL + " WHERE i.id=?", (image_id,)).fetchone()
         if r is None:
             raise StoreError(f"image id {image_id} is not in this project; refresh the image list.")
         return ImageRow(*r)
@@ -406,18 +416,24 @@ class Store:
 
     def current_revision(self, image_id: int) -> Revision | None:
         """Newest label revision of an image."""
-        r = self._con().execute(
-            "SELECT id, image_id, labelled_pixels, author, source, created_at FROM labels "
-            "WHERE image_id=? ORDER BY id DESC LIMIT 1",
-            (image_id,),
-        ).fetchone()
+        r = (
+            self._con()
+            .execute(
+                "SELECT id, image_id, labelled_pixels, author, source, created_at FROM labels "
+                "WHERE image_id=? ORDER BY id DESC LIMIT 1",
+                (image_id,),
+            )
+            .fetchone()
+        )
         return Revision(*r) if r else None
 
     def current_label(self, image_id: int) -> np.ndarray | None:
         """The current mask of an image, or None if it was never labelled."""
-        r = self._con().execute(
-            "SELECT mask FROM labels WHERE image_id=? ORDER BY id DESC LIMIT 1", (image_id,)
-        ).fetchone()
+        r = (
+            self._con()
+            .execute("SELECT mask FROM labels WHERE image_id=? ORDER BY id DESC LIMIT 1", (image_id,))
+            .fetchone()
+        )
         return imageio.decode_png(r[0]) if r else None
 
     def load_revision(self, revision_id: int) -> np.ndarray:
@@ -429,10 +445,15 @@ class Store:
 
     def history(self, image_id: int) -> list[Revision]:
         """All label revisions of an image, oldest first."""
-        rows = self._con().execute(
-            "SELECT id, image_id, labelled_pixels, author, source, created_at FROM labels WHERE image_id=? ORDER BY id",
-            (image_id,),
-        ).fetchall()
+        rows = (
+            self._con()
+            .execute(
+                "SELECT id, image_id, labelled_pixels, author, source, created_at FROM labels "
+                "WHERE image_id=? ORDER BY id",
+                (image_id,),
+            )
+            .fetchall()
+        )
         return [Revision(*r) for r in rows]
 
     def undo_label(self, image_id: int, author: str = "annotator") -> int | None:
@@ -486,17 +507,23 @@ class Store:
 
     def new_pixels_since(self, revision: int) -> int:
         """Labelled pixels in revisions saved after ``revision`` (the trigger for the next round)."""
-        r = self._con().execute(
-            "SELECT COALESCE(SUM(labelled_pixels), 0) FROM labels WHERE id > ?", (revision,)
-        ).fetchone()
+        r = (
+            self._con()
+            .execute("SELECT COALESCE(SUM(labelled_pixels), 0) FROM labels WHERE id > ?", (revision,))
+            .fetchone()
+        )
         return int(r[0])
 
     def class_pixel_counts(self) -> dict[int, int]:
         """Labelled pixels per class over the current revisions."""
-        rows = self._con().execute(
-            """SELECT l.class_pixels FROM labels l
+        rows = (
+            self._con()
+            .execute(
+                """SELECT l.class_pixels FROM labels l
                JOIN (SELECT image_id, MAX(id) AS id FROM labels GROUP BY image_id) c ON c.id = l.id"""
-        ).fetchall()
+            )
+            .fetchall()
+        )
         total: dict[int, int] = {}
         for (cp,) in rows:
             for k, v in json.loads(cp).items():
@@ -516,8 +543,16 @@ class Store:
             con.execute(
                 "INSERT INTO models(version, path, status, metrics, label_revision, labelled_images, labelled_pixels, "
                 "created_at) VALUES (?,?,?,?,?,?,?,?)",
-                (version, str(path), status, "{}", snapshot.max_revision, len(snapshot.revisions),
-                 snapshot.labelled_pixels, time.time()),
+                (
+                    version,
+                    str(path),
+                    status,
+                    "{}",
+                    snapshot.max_revision,
+                    len(snapshot.revisions),
+                    snapshot.labelled_pixels,
+                    time.time(),
+                ),
             )
 
     def begin_model(self, models_dir: Path, snapshot: Snapshot) -> int:
@@ -531,8 +566,16 @@ class Store:
             con.execute(
                 "INSERT INTO models(version, path, status, metrics, label_revision, labelled_images, labelled_pixels, "
                 "created_at) VALUES (?,?,?,?,?,?,?,?)",
-                (version, str(Path(models_dir) / f"v{version:04d}"), "training", "{}", snapshot.max_revision,
-                 len(snapshot.revisions), snapshot.labelled_pixels, time.time()),
+                (
+                    version,
+                    str(Path(models_dir) / f"v{version:04d}"),
+                    "training",
+                    "{}",
+                    snapshot.max_revision,
+                    len(snapshot.revisions),
+                    snapshot.labelled_pixels,
+                    time.time(),
+                ),
             )
         return version
 
@@ -551,10 +594,14 @@ class Store:
 
     def models(self) -> list[ModelRow]:
         """All versions, oldest first."""
-        rows = self._con().execute(
-            "SELECT version, path, status, metrics, label_revision, labelled_images, labelled_pixels, created_at, "
-            "published_at, error FROM models ORDER BY version"
-        ).fetchall()
+        rows = (
+            self._con()
+            .execute(
+                "SELECT version, path, status, metrics, label_revision, labelled_images, labelled_pixels, created_at, "
+                "published_at, error FROM models ORDER BY version"
+            )
+            .fetchall()
+        )
         return [ModelRow(r[0], r[1], r[2], json.loads(r[3]), *r[4:]) for r in rows]
 
     def latest_published(self) -> ModelRow | None:
@@ -596,23 +643,24 @@ class Store:
 
     def pending_requests(self, kind: str) -> int:
         """Unhandled requests of a kind."""
-        r = self._con().execute(
-            "SELECT COUNT(*) FROM requests WHERE kind=? AND handled_at IS NULL", (kind,)
-        ).fetchone()
+        r = self._con().execute("SELECT COUNT(*) FROM requests WHERE kind=? AND handled_at IS NULL", (kind,)).fetchone()
         return int(r[0])
 
     def add_event(self, level: str, source: str, message: str) -> None:
         """Record something a user should see (errors, restarts, skipped files)."""
         with self.transaction() as con:
             con.execute(
-                "INSERT INTO events(time, level, source, message) VALUES (?,?,?,?)", (time.time(), level, source, message)
+                "INSERT INTO events(time, level, source, message) VALUES (?,?,?,?)",
+                (time.time(), level, source, message),
             )
 
     def events(self, limit: int = 20) -> list[tuple[float, str, str, str]]:
         """Newest events first: ``(time, level, source, message)``."""
-        return self._con().execute(
-            "SELECT time, level, source, message FROM events ORDER BY id DESC LIMIT ?", (limit,)
-        ).fetchall()
+        return (
+            self._con()
+            .execute("SELECT time, level, source, message FROM events ORDER BY id DESC LIMIT ?", (limit,))
+            .fetchall()
+        )
 
     # ---------------------------------------------------------------------------------- predictions
 
@@ -627,7 +675,11 @@ class Store:
 
     def prediction(self, image_id: int, version: int) -> tuple[str, float] | None:
         """``(path, mean_confidence)`` of a cached prediction."""
-        r = self._con().execute(
-            "SELECT path, mean_confidence FROM predictions WHERE image_id=? AND version=?", (image_id, version)
-        ).fetchone()
+        r = (
+            self._con()
+            .execute(
+                "SELECT path, mean_confidence FROM predictions WHERE image_id=? AND version=?", (image_id, version)
+            )
+            .fetchone()
+        )
         return (r[0], float(r[1])) if r else None

@@ -96,14 +96,24 @@ def run_one_round(
     started = time.monotonic()
     try:
         result = train.run_round(
-            cfg, store, snapshot, version, tmp, init_checkpoint=init, steps=steps, progress=report,
+            cfg,
+            store,
+            snapshot,
+            version,
+            tmp,
+            init_checkpoint=init,
+            steps=steps,
+            progress=report,
             should_stop=should_stop,
         )
         report({"stage": "exporting", "step": result.steps, "total": result.steps, "eta_s": 0.0})
         metrics = dict(result.metrics)
         metrics.update(
-            steps=result.steps, train_seconds=round(result.seconds, 1), device=result.device,
-            labelled_images=len(snapshot.revisions), labelled_pixels=snapshot.labelled_pixels,
+            steps=result.steps,
+            train_seconds=round(result.seconds, 1),
+            device=result.device,
+            labelled_images=len(snapshot.revisions),
+            labelled_pixels=snapshot.labelled_pixels,
             warm_start=previous.version if init is not None and previous else None,
         )
         export.export_onnx(result.checkpoint, tmp / "model.onnx", metrics=metrics)
@@ -223,7 +233,10 @@ class TrainerLoop:
             self.write_status(force=True, state="error", message=msg, error=msg)
         else:
             self.write_status(
-                force=True, state="waiting", message=f"published version {row.version}", error=None,
+                force=True,
+                state="waiting",
+                message=f"published version {row.version}",
+                error=None,
                 last_version=row.version,
             )
         self.last_round_end = self.clock()
@@ -248,8 +261,9 @@ def trainer_main(cfg: Config) -> None:
 class Supervisor:
     """Starts the trainer process, watches it, restarts it when it dies and tells the UI through events."""
 
-    def __init__(self, cfg: Config, store: Store, target: Callable[[Config], None] = trainer_main,
-                 max_restarts: int = 20) -> None:
+    def __init__(
+        self, cfg: Config, store: Store, target: Callable[[Config], None] = trainer_main, max_restarts: int = 20
+    ) -> None:
         self.cfg = cfg
         self.store = store
         self.target = target

@@ -73,7 +73,7 @@ class Session:
             f'<span class="ls-chip" style="display:inline-block;margin:2px 8px 2px 0">'
             f'<span style="display:inline-block;width:14px;height:14px;border-radius:3px;vertical-align:middle;'
             f'background:{hex_color(c.color)};border:1px solid #0004"></span> '
-            f'{c.id}: {html.escape(c.name)}</span>'
+            f"{c.id}: {html.escape(c.name)}</span>"
             for c in classes
         )
         return f'<div class="ls-legend">{chips}</div>'
@@ -123,7 +123,6 @@ class Session:
         if image_id is None:
             image_id = self.first_image()
         image_id = int(image_id)
-        row = self.store.image(image_id)
         image = self.store.read_image(image_id)
         mask = self.store.current_label(image_id)
         colors = self.colors()
@@ -132,6 +131,7 @@ class Session:
         )
         editor = {"background": image, "layers": [layer], "composite": None}
         overlay, overlay_info, version = self.preannotation(image_id, image, alpha)
+        row = self.store.image(image_id)  # after predicting, so the state says pre-annotated
         revs = self.store.history(image_id)
         info = (
             f"**{html.escape(row.path)}** · {row.width}×{row.height} · {row.state} · "
@@ -139,8 +139,12 @@ class Session:
         )
         return View(image_id, editor, overlay, overlay_info, info, version)
 
-    def preannotation(self, image_id: int, image: np.ndarray | None = None, alpha: float = 0.5,
-                      ) -> tuple[np.ndarray | None, str, int | None]:
+    def preannotation(
+        self,
+        image_id: int,
+        image: np.ndarray | None = None,
+        alpha: float = 0.5,
+    ) -> tuple[np.ndarray | None, str, int | None]:
         """The newest model's prediction blended over the image, and a line about it."""
         self.predictor.refresh()
         try:
@@ -158,7 +162,8 @@ class Session:
         counts = np.bincount(pred.mask.ravel(), minlength=len(classes))
         present = ", ".join(
             f"{html.escape(c.name)} {100 * counts[c.id] / pred.mask.size:.0f}%"
-            for c in classes if c.id < len(counts) and counts[c.id]
+            for c in classes
+            if c.id < len(counts) and counts[c.id]
         )
         providers = ", ".join(p.replace("ExecutionProvider", "") for p in self.predictor.providers)
         info = (
@@ -224,7 +229,9 @@ class Session:
         if image_id is None:
             return "⚠️ No image selected."
         rev = self.store.undo_label(int(image_id), author=self.cfg.author)
-        return "Nothing to undo." if rev is None else f"Undone: restored the labels before the last save (revision {rev})."
+        return (
+            "Nothing to undo." if rev is None else f"Undone: restored the labels before the last save (revision {rev})."
+        )
 
     # ------------------------------------------------------------------------------------- trainer
 
@@ -260,8 +267,10 @@ class Session:
                     parts.append(f"on {st['device']}")
                 lines.append(" · ".join(parts))
             elif state == "error":
-                lines.append(f"**Trainer:** ⚠️ {html.escape(str(st.get('message', 'error')))} — the last good "
-                             "model keeps serving; save more labels or press Train now to retry.")
+                lines.append(
+                    f"**Trainer:** ⚠️ {html.escape(str(st.get('message', 'error')))} — the last good "
+                    "model keeps serving; save more labels or press Train now to retry."
+                )
             else:
                 lines.append(f"**Trainer: {state}** — {html.escape(str(st.get('message', '')))}")
         version = self.predictor.version
@@ -270,9 +279,11 @@ class Session:
         counts = self.store.class_pixel_counts()
         if counts:
             names = {c.id: c.name for c in self.store.classes()}
-            lines.append("Labelled pixels: " + ", ".join(
-                f"{html.escape(names.get(k, str(k)))} {v}" for k, v in sorted(counts.items())))
-        for t, level, source, message in self.store.events(limit=3):
+            lines.append(
+                "Labelled pixels: "
+                + ", ".join(f"{html.escape(names.get(k, str(k)))} {v}" for k, v in sorted(counts.items()))
+            )
+        for t, level, _source, message in self.store.events(limit=3):
             if level in ("error", "warning") and time.time() - t < 3600:
                 lines.append(f"⚠️ {time.strftime('%H:%M:%S', time.localtime(t))} {html.escape(message)}")
         return "<br>".join(lines)
@@ -282,12 +293,18 @@ class Session:
         rows = []
         for m in reversed(self.store.models()):
             miou = m.metrics.get("val_miou")
-            rows.append([
-                f"v{m.version}", m.status, m.labelled_images, m.labelled_pixels,
-                "" if miou is None else f"{100 * miou:.1f}",
-                m.metrics.get("steps", ""), m.metrics.get("round_seconds", ""),
-                time.strftime("%H:%M:%S", time.localtime(m.published_at or m.created_at)),
-            ])
+            rows.append(
+                [
+                    f"v{m.version}",
+                    m.status,
+                    m.labelled_images,
+                    m.labelled_pixels,
+                    "" if miou is None else f"{100 * miou:.1f}",
+                    m.metrics.get("steps", ""),
+                    m.metrics.get("round_seconds", ""),
+                    time.strftime("%H:%M:%S", time.localtime(m.published_at or m.created_at)),
+                ]
+            )
         return rows
 
 
@@ -309,8 +326,12 @@ def build_ui(session: Session, poll_s: float = 2.0) -> Any:
         with gr.Row():
             with gr.Column(scale=1, min_width=240):
                 progress = gr.Markdown(session.progress_md(), elem_id="ls-progress")
-                picker = gr.Dropdown(choices=session.image_choices(), label="Image (● labelled ◐ pre-annotated ○ unlabelled)",
-                                     elem_id="ls-picker", interactive=True)
+                picker = gr.Dropdown(
+                    choices=session.image_choices(),
+                    label="Image (● labelled ◐ pre-annotated ○ unlabelled)",
+                    elem_id="ls-picker",
+                    interactive=True,
+                )
                 with gr.Row():
                     prev_btn = gr.Button("◀ Previous", elem_id="ls-prev")
                     next_btn = gr.Button("Next ▶", elem_id="ls-next")
@@ -323,10 +344,18 @@ def build_ui(session: Session, poll_s: float = 2.0) -> Any:
             with gr.Column(scale=3):
                 legend = gr.HTML(session.legend_html(), elem_id="ls-legend")
                 editor = gr.ImageEditor(
-                    type="numpy", format="png", image_mode="RGBA", brush=brush(), eraser=gr.Eraser(default_size=16),
-                    layers=gr.LayerOptions(allow_additional_layers=False, layers=["labels"]), sources=(),
-                    transforms=(), label="Paint labels (brush = class colour, eraser = unlabelled)",
-                    elem_id="ls-editor", height=560, canvas_size=(960, 720),
+                    type="numpy",
+                    format="png",
+                    image_mode="RGBA",
+                    brush=brush(),
+                    eraser=gr.Eraser(default_size=16),
+                    layers=gr.LayerOptions(allow_additional_layers=False, layers=["labels"]),
+                    sources=(),
+                    transforms=(),
+                    label="Paint labels (brush = class colour, eraser = unlabelled)",
+                    elem_id="ls-editor",
+                    height=560,
+                    canvas_size=(960, 720),
                 )
                 with gr.Row():
                     save_btn = gr.Button("Save", variant="primary", elem_id="ls-save")
@@ -339,13 +368,25 @@ def build_ui(session: Session, poll_s: float = 2.0) -> Any:
                 overlay_info = gr.Markdown(elem_id="ls-overlay-info")
                 trainer_md = gr.Markdown(session.trainer_md(), elem_id="ls-trainer")
                 train_btn = gr.Button("Train now", elem_id="ls-train-now")
-                versions = gr.Dataframe(headers=VERSION_HEADERS, value=session.versions_rows(), label="Model versions",
-                                        interactive=False, elem_id="ls-versions")
+                versions = gr.Dataframe(
+                    headers=VERSION_HEADERS,
+                    value=session.versions_rows(),
+                    label="Model versions",
+                    interactive=False,
+                    elem_id="ls-versions",
+                )
 
         def show(image_id: int | None, a: float) -> tuple:
             v = session.view(image_id, a)
-            return (v.image_id, v.editor, v.overlay, v.overlay_info, v.image_info, v.version,
-                    gr.Dropdown(choices=session.image_choices(), value=v.image_id))
+            return (
+                v.image_id,
+                v.editor,
+                v.overlay,
+                v.overlay_info,
+                v.image_info,
+                v.version,
+                gr.Dropdown(choices=session.image_choices(), value=v.image_id),
+            )
 
         view_outputs = [current, editor, overlay, overlay_info, image_info, shown_version, picker]
 
@@ -362,7 +403,9 @@ def build_ui(session: Session, poll_s: float = 2.0) -> Any:
             info = session.view(image_id).image_info if image_id is not None else ""
             return msg, info, session.progress_md(), gr.Dropdown(choices=session.image_choices(), value=image_id)
 
-        save_btn.click(save, inputs=[current, editor], outputs=[save_msg, image_info, progress, picker], api_name="save")
+        save_btn.click(
+            save, inputs=[current, editor], outputs=[save_msg, image_info, progress, picker], api_name="save"
+        )
 
         def undo(image_id: int | None, a: float) -> tuple:
             msg = session.undo(image_id)
@@ -390,8 +433,12 @@ def build_ui(session: Session, poll_s: float = 2.0) -> Any:
             msg = session.add_class(name, color)
             return msg, session.legend_html(), gr.ImageEditor(brush=brush()), ""
 
-        add_class_btn.click(add_class, inputs=[new_class, new_color], outputs=[class_msg, legend, editor, new_class],
-                            api_name="add_class")
+        add_class_btn.click(
+            add_class,
+            inputs=[new_class, new_color],
+            outputs=[class_msg, legend, editor, new_class],
+            api_name="add_class",
+        )
         train_btn.click(session.train_now, outputs=[save_msg], api_name="train_now")
 
         def poll(image_id: int | None, version: int | None, a: float) -> tuple:
@@ -404,9 +451,13 @@ def build_ui(session: Session, poll_s: float = 2.0) -> Any:
             return status, rows, gr.skip(), gr.skip(), gr.skip(), session.progress_md()
 
         timer = gr.Timer(poll_s)
-        timer.tick(poll, inputs=[current, shown_version, alpha],
-                   outputs=[trainer_md, versions, overlay, overlay_info, shown_version, progress],
-                   api_name="poll", show_progress="hidden")
+        timer.tick(
+            poll,
+            inputs=[current, shown_version, alpha],
+            outputs=[trainer_md, versions, overlay, overlay_info, shown_version, progress],
+            api_name="poll",
+            show_progress="hidden",
+        )
 
         def status() -> str:
             return session.trainer_md()

@@ -9,8 +9,16 @@ import pytest
 from test_ui import launch_app, stop_app
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+]
 
 pytestmark = [
     pytest.mark.browser,
@@ -37,15 +45,20 @@ def test_paint_save_and_see_preannotation(tiny_dataset: Path, tmp_path: Path):
             page = browser.new_page(viewport={"width": 1600, "height": 1100})
             page.goto(url)
             page.wait_for_selector("#ls-editor canvas", timeout=60_000)
-            page.wait_for_function("document.querySelector('#ls-image-info').innerText.includes('frame_000')",
-                                   timeout=60_000)
+            page.wait_for_function(
+                "document.querySelector('#ls-image-info').innerText.includes('frame_000')", timeout=60_000
+            )
             page.wait_for_timeout(1000)
             canvas = page.query_selector("#ls-editor canvas")
             # The image fills the canvas' width; find the image's box from its aspect (128x96).
             box = canvas.bounding_box()
             img_h = box["width"] * 96 / 128
-            img_box = {"x": box["x"], "y": box["y"] + (box["height"] - img_h) / 2, "width": box["width"],
-                       "height": img_h}
+            img_box = {
+                "x": box["x"],
+                "y": box["y"] + (box["height"] - img_h) / 2,
+                "width": box["width"],
+                "height": img_h,
+            }
             page.click("#ls-editor button[aria-label='Brush']")
             page.keyboard.press("Escape")
             _stroke(page, img_box, 0.12)  # class 0 (sky), the default colour, across the top
@@ -54,8 +67,9 @@ def test_paint_save_and_see_preannotation(tiny_dataset: Path, tmp_path: Path):
             page.keyboard.press("Escape")
             _stroke(page, img_box, 0.92)  # across the bottom
             page.click("#ls-save")
-            page.wait_for_function("document.querySelector('#ls-save-msg').innerText.includes('Saved revision')",
-                                   timeout=60_000)
+            page.wait_for_function(
+                "document.querySelector('#ls-save-msg').innerText.includes('Saved revision')", timeout=60_000
+            )
             assert "labelled pixels" in page.inner_text("#ls-save-msg")
             # No button pressed: the background trainer runs a round, publishes v1, the page shows it.
             page.wait_for_function(

@@ -122,8 +122,10 @@ def test_two_processes_saving_at_once_lose_nothing(tiny_cfg):
     store = open_project(tiny_cfg)
     image_id = store.images()[0].id
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_writer, args=(str(tiny_cfg.db_path), str(tiny_cfg.image_root), image_id, 15, v))
-             for v in (0, 1)]
+    procs = [
+        ctx.Process(target=_writer, args=(str(tiny_cfg.db_path), str(tiny_cfg.image_root), image_id, 15, v))
+        for v in (0, 1)
+    ]
     for p in procs:
         p.start()
     for p in procs:

@@ -12,7 +12,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-
 from conftest import CLASSES, scribbles, synth_scene
 
 from labelsmart import imageio
@@ -41,8 +40,10 @@ def test_save_merges_layers_and_undo_restores(session: Session):
     b = np.full_like(a, 255)
     b[60:63, 10:60] = 1
     b[5:8, 10:20] = 2  # a later layer wins where both are painted
-    editor = {"background": view.editor["background"], "layers": [imageio.mask_to_rgba(a, colors),
-                                                                   imageio.mask_to_rgba(b, colors)]}
+    editor = {
+        "background": view.editor["background"],
+        "layers": [imageio.mask_to_rgba(a, colors), imageio.mask_to_rgba(b, colors)],
+    }
     msg = session.save(img.id, editor)
     assert msg.startswith("Saved revision")
     saved = store.current_label(img.id)
@@ -85,16 +86,37 @@ def launch_app(dataset: Path, tmp: Path, extra_env: dict[str, str] | None = None
     port = _free_port()
     env = dict(os.environ)
     env.update(
-        GRADIO_ANALYTICS_ENABLED="False", LABELSMART_TRAIN_STEPS="10", LABELSMART_TRAIN_FIRST_ROUND_STEPS="10",
-        LABELSMART_TRAIN_CROP="64", LABELSMART_TRAIN_BATCH_SIZE="2", LABELSMART_TRAIN_THREADS="1",
-        LABELSMART_PREPROCESS_MAX_SIDE="128", LABELSMART_SERVE_THREADS="1", LABELSMART_TRIGGER_MIN_INTERVAL_S="0",
-        LABELSMART_TRIGGER_MIN_NEW_PIXELS="50", LABELSMART_TRIGGER_POLL_S="0.3", **(extra_env or {}),
+        GRADIO_ANALYTICS_ENABLED="False",
+        LABELSMART_TRAIN_STEPS="10",
+        LABELSMART_TRAIN_FIRST_ROUND_STEPS="10",
+        LABELSMART_TRAIN_CROP="64",
+        LABELSMART_TRAIN_BATCH_SIZE="2",
+        LABELSMART_TRAIN_THREADS="1",
+        LABELSMART_PREPROCESS_MAX_SIDE="128",
+        LABELSMART_SERVE_THREADS="1",
+        LABELSMART_TRIGGER_MIN_INTERVAL_S="0",
+        LABELSMART_TRIGGER_MIN_NEW_PIXELS="50",
+        LABELSMART_TRIGGER_POLL_S="0.3",
+        **(extra_env or {}),
     )
     log = open(tmp / "app.log", "w")  # noqa: SIM115 - closed with the process
     proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "app.py"), "--dataset", str(dataset), "--workdir", str(tmp / "work"),
-         "--models-dir", str(tmp / "models"), "--port", str(port)],
-        cwd=tmp, env=env, stdout=log, stderr=subprocess.STDOUT,
+        [
+            sys.executable,
+            str(ROOT / "app.py"),
+            "--dataset",
+            str(dataset),
+            "--workdir",
+            str(tmp / "work"),
+            "--models-dir",
+            str(tmp / "models"),
+            "--port",
+            str(port),
+        ],
+        cwd=tmp,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}/"
     deadline = time.time() + 120
@@ -145,13 +167,20 @@ def test_launched_app_save_train_preannotate(tiny_dataset: Path, tmp_path: Path)
         layer = imageio.mask_to_rgba(scribbles(truth), [c["color"] for c in CLASSES])
         cv2.imwrite(str(tmp_path / "bg.png"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
         cv2.imwrite(str(tmp_path / "layer.png"), cv2.cvtColor(layer, cv2.COLOR_RGBA2BGRA))
-        value = {"background": handle_file(str(tmp_path / "bg.png")), "layers": [handle_file(str(tmp_path / "layer.png"))],
-                 "composite": None, "id": None}
+        value = {
+            "background": handle_file(str(tmp_path / "bg.png")),
+            "layers": [handle_file(str(tmp_path / "layer.png"))],
+            "composite": None,
+            "id": None,
+        }
         msg, *_ = client.predict(value, api_name="/save")
         assert msg.startswith("Saved revision"), msg
         assert dict((i, s) for i, _, s in client.predict(api_name="/images"))[first] == "labelled"
-        status = wait_for(lambda: (s := client.predict(api_name="/status")) and "Serving model **v1**" in s and s,
-                          240, "the first model version")
+        status = wait_for(
+            lambda: (s := client.predict(api_name="/status")) and "Serving model **v1**" in s and s,
+            240,
+            "the first model version",
+        )
         assert "CPUExecutionProvider" in status or "CUDAExecutionProvider" in status
         out = client.predict(second, 0.5, api_name="/open_image")
         overlay_path, overlay_info = out[1], out[2]  # states are not part of the API: editor, overlay, info, ...

@@ -1,0 +1,83 @@
+"""The whole loop on a tiny synthetic data set: scribbles -> round -> ONNX -> predict -> evaluate on unseen images."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from conftest import scribbles
+
+from labelsmart import imageio
+from labelsmart.cli import main
+from labelsmart.predictor import OnnxModel, Predictor
+from labelsmart.project import open_project
+from labelsmart.trainer import run_one_round
+
+
+def test_scribbles_to_preannotations_above_chance(tiny_dataset: Path, tiny_cfg, capsys):
+    import dataclasses
+
+    cfg = dataclasses.replace(tiny_cfg, train=dataclasses.replace(tiny_cfg.train, first_round_steps=150))
+    store = open_project(cfg)
+    splits = json.loads((tiny_dataset / "splits.json").read_text())
+    by_stem = {Path(r.path).stem: r.id for r in store.images()}
+    for name in splits["train"]:  # only the train half is labelled, and only with strokes
+        truth = imageio.read_mask(tiny_dataset / "masks" / f"{name}.png")
+        store.save_label(by_stem[name], scribbles(truth))
+    stages = []
+    row = run_one_round(cfg, store, progress=lambda info: stages.append(info["stage"]))
+    assert row.status == "published" and row.version == 1
+    assert {"pretraining", "fine-tuning", "exporting"} <= set(stages)
+    assert row.metrics["steps"] == 150 and row.metrics["labelled_images"] == 4
+    files = sorted(p.name for p in Path(row.path).iterdir())
+    assert files == ["model.json", "model.onnx", "model.pt"]
+    assert not list(Path(row.path).parent.glob(".*.tmp"))  # nothing half-written left behind
+
+    # The predictor serves it; the held-out half gets pre-annotations far above chance.
+    predictor = Predictor(store, cfg)
+    assert predictor.version == 1  # a new predictor loads the newest published version
+    pred = predictor.predict(by_stem[splits["val"][0]])
+    assert pred is not None and pred.mask.shape == (96, 128) and 0 < pred.mean_confidence <= 1
+    model_path = Path(row.path) / "model.onnx"
+    assert main(["evaluate", "--model", str(model_path), "--dataset", str(tiny_dataset), "--split", "val",
+                 "--threads", "1", "--device", "cpu"]) == 0
+    report = json.loads(model_path.with_name("model.eval-val.json").read_text())
+    assert report["images"] == 4
+    assert report["miou"] > 0.6, report  # chance for 3 classes is about 0.2
+    assert report["per_class_iou"]["sky"] > 0.5 and report["per_class_iou"]["road"] > 0.5
+
+    # A second round warm-starts from the first and publishes v2; v1 stays on disk.
+    row2 = run_one_round(cfg, store, steps=10)
+    assert row2.version == 2 and row2.metrics["warm_start"] == 1
+    assert predictor.refresh() and predictor.version == 2
+    onnx = OnnxModel(Path(row2.path) / "model.onnx", threads=1, device="cpu")
+    assert onnx.version == 2 and [c["name"] for c in onnx.classes] == ["sky", "road", "car"]
+    assert np.isfinite(onnx.predict(store.read_image(by_stem[splits["val"][1]])).confidence).all()
+
+
+def test_failed_export_publishes_nothing_and_keeps_serving(tiny_cfg, monkeypatch):
+    from labelsmart import export
+
+    store = open_project(tiny_cfg)
+    img = store.images()[0]
+    m = np.full((img.height, img.width), 255, np.uint8)
+    m[:5], m[-5:] = 0, 1
+    store.save_label(img.id, m)
+    row = run_one_round(tiny_cfg, store, steps=4)
+
+    def broken(*a, **k):
+        raise export.ExportError("parity check failed: max abs diff 3.2")
+
+    monkeypatch.setattr(export, "export_onnx", broken)
+    try:
+        run_one_round(tiny_cfg, store, steps=4)
+    except export.ExportError:
+        pass
+    else:
+        raise AssertionError("a failing export must fail the round")
+    versions = {m.version: m for m in store.models()}
+    assert versions[2].status == "failed" and "parity" in versions[2].error
+    assert store.latest_published().version == row.version == 1
+    assert not (Path(row.path).parent / "v0002").exists()
+    assert not list(Path(row.path).parent.glob(".*.tmp"))
