@@ -49,12 +49,12 @@ def main(argv: list[str] | None = None) -> int:
     from labelsmart.ui import Session, build_ui
 
     flags = {k: v for k, v in vars(args).items() if k != "no_trainer"}
-    if flags.get("dataset") is None:
-        flags["dataset"] = str(demo.demo_dataset(demo.default_demo_root(os.environ)))
-    cfg = config.load(flags)
     try:
+        if flags.get("dataset") is None:
+            flags["dataset"] = str(demo.demo_dataset(demo.default_demo_root(os.environ)))
+        cfg = config.load(flags)
         store = open_project(cfg)
-    except (ProjectError, StoreError, ImageError) as exc:
+    except (ProjectError, StoreError, ImageError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     logging.getLogger(__name__).info(

@@ -188,3 +188,18 @@ def test_launched_app_save_train_preannotate(tiny_dataset: Path, tmp_path: Path)
         assert "model v1" in overlay_info
     finally:
         stop_app(proc)
+
+
+def test_app_refuses_a_missing_folder_in_one_sentence(tmp_path: Path):
+    missing = tmp_path / "nope"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "app.py"), "--dataset", str(missing), "--workdir", str(tmp_path / "w")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, GRADIO_ANALYTICS_ENABLED="False"),
+    )
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: {missing}: not a folder; pass --dataset a folder of images."]
+    assert "Traceback" not in proc.stderr
