@@ -54,7 +54,7 @@ def main() -> int:
     ap.add_argument("--dataset", required=True, help="folder in the shared layout (images/, masks/, splits.json)")
     ap.add_argument("--images", type=int, default=5, help="images to label with simulated scribbles")
     ap.add_argument("--split", default="train", help="split the labelled images come from (random, seed 0)")
-    ap.add_argument("--eval-split", default="val")
+    ap.add_argument("--eval-split", default="val", help="split(s) to evaluate every version on, comma-separated")
     ap.add_argument("--rounds", type=int, default=1, help="rounds to wait for (after the first: Train now)")
     ap.add_argument("--out", default="exports/trial")
     ap.add_argument("--timeout", type=float, default=1800)
@@ -147,31 +147,19 @@ def main() -> int:
                 time.sleep(2)
             result[f"seconds_train_now_to_v{version}"] = round(time.time() - t, 1)
         result["versions"] = {}
+        eval_splits = args.eval_split.split(",")
         for onnx_path in sorted((work / "models").glob("*/v*/model.onnx")):
             version = onnx_path.parent.name
-            ev = out / f"{version}.eval-{args.eval_split}.json"
-            subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "labelsmart",
-                    "evaluate",
-                    "--model",
-                    str(onnx_path),
-                    "--dataset",
-                    str(dataset),
-                    "--split",
-                    args.eval_split,
-                    "--out",
-                    str(ev),
-                ],
-                cwd=ROOT,
-                check=True,
-            )
             sidecar = json.loads(onnx_path.with_suffix(".json").read_text())
-            result["versions"][version] = {"metrics": sidecar.get("metrics"), "eval": json.loads(ev.read_text())}
+            result["versions"][version] = {"metrics": sidecar.get("metrics"), "eval": {}}
+            for split in eval_splits:
+                ev = out / f"{version}.eval-{split}.json"
+                cmd = [sys.executable, "-m", "labelsmart", "evaluate", "--model", str(onnx_path)]
+                cmd += ["--dataset", str(dataset), "--split", split, "--out", str(ev)]
+                subprocess.run(cmd, cwd=ROOT, check=True)
+                result["versions"][version]["eval"][split] = json.loads(ev.read_text())
         # A picture of the page on an image nobody labelled.
-        unseen = sorted(splits[args.eval_split])[0]
+        unseen = sorted(splits[eval_splits[0]])[0]
         rel = next(p for p in by_path if Path(p).stem == unseen)
         from playwright.sync_api import sync_playwright
 
