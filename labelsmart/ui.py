@@ -355,7 +355,11 @@ def build_ui(session: Session, poll_s: float = 2.0) -> Any:
                     label="Paint labels (brush = class colour, eraser = unlabelled)",
                     elem_id="ls-editor",
                     height=560,
-                    canvas_size=(960, 720),
+                    # Smaller than any image on purpose: Gradio 6 places value layers (saved labels, the
+                    # copied pre-annotation) off by half the canvas when the image is smaller than the
+                    # canvas; an image at least the canvas size gets its layers aligned, at full resolution.
+                    canvas_size=(64, 64),
+                    interactive=True,
                 )
                 with gr.Row():
                     save_btn = gr.Button("Save", variant="primary", elem_id="ls-save")

@@ -5,7 +5,10 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pytest
+from conftest import CLASSES, write_dataset
 from test_ui import launch_app, stop_app
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -20,6 +23,7 @@ FLAGS = [
     "--disable-quic",
 ]
 
+H, W = 360, 480
 pytestmark = [
     pytest.mark.browser,
     pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Chromium not installed (apt-get install -y chromium)"),
@@ -35,8 +39,10 @@ def _stroke(page, box: dict, y_frac: float, x_from: float = 0.15, x_to: float = 
     page.mouse.up()
 
 
-def test_paint_save_and_see_preannotation(tiny_dataset: Path, tmp_path: Path):
+def test_paint_save_and_see_preannotation(tmp_path: Path):
     from playwright.sync_api import sync_playwright
+
+    tiny_dataset = write_dataset(tmp_path / "data", h=H, w=W)  # CamVid's size: the editor must align its layers
 
     proc, url = launch_app(tiny_dataset, tmp_path)
     try:
@@ -50,9 +56,9 @@ def test_paint_save_and_see_preannotation(tiny_dataset: Path, tmp_path: Path):
             )
             page.wait_for_timeout(1000)
             canvas = page.query_selector("#ls-editor canvas")
-            # The image fills the canvas' width; find the image's box from its aspect (128x96).
+            # The image fills the canvas' width; find the image's box from its aspect.
             box = canvas.bounding_box()
-            img_h = box["width"] * 96 / 128
+            img_h = box["width"] * H / W
             img_box = {
                 "x": box["x"],
                 "y": box["y"] + (box["height"] - img_h) / 2,
@@ -77,6 +83,40 @@ def test_paint_save_and_see_preannotation(tiny_dataset: Path, tmp_path: Path):
             )
             assert page.query_selector("#ls-overlay img") is not None
             assert "Serving model v1" in page.inner_text("#ls-trainer")
+            # A fresh page (as after a reload), the next image: accept the pre-annotation as editable strokes,
+            # check it is drawn over the image where it belongs, and save it as that image's labels.
+            page.reload()
+            page.wait_for_selector("#ls-editor canvas", timeout=60_000)
+            page.wait_for_function(
+                "document.querySelector('#ls-image-info').innerText.includes('frame_001')", timeout=60_000
+            )
+            page.wait_for_timeout(1000)
+            page.click("#ls-next")
+            page.wait_for_function(
+                "document.querySelector('#ls-image-info').innerText.includes('frame_002')"
+                " && document.querySelector('#ls-overlay-info').innerText.includes('model v1')",
+                timeout=60_000,
+            )
+            page.click("#ls-accept")
+            page.wait_for_function(
+                "document.querySelector('#ls-save-msg').innerText.includes('Pre-annotation copied')", timeout=60_000
+            )
+            # Shown where it belongs: the opaque class colours cover the whole image, so none of the toy
+            # image's own sky and road colours stay visible (a shifted layer leaves a quadrant uncovered).
+            for _ in range(30):  # the editor redraws once the new value has loaded
+                page.wait_for_timeout(1000)
+                shot = cv2.imdecode(np.frombuffer(page.locator("#ls-editor").screenshot(), np.uint8), 1)
+                rgb = cv2.cvtColor(shot, cv2.COLOR_BGR2RGB).reshape(-1, 3).astype(int)
+                raw = sum((np.abs(rgb - c).sum(axis=1) < 40).sum() for c in ((170, 200, 235), (70, 70, 75)))
+                painted = sum((np.abs(rgb - c["color"]).sum(axis=1) < 40).sum() for c in CLASSES)
+                if painted > 10_000:
+                    break
+            cv2.imwrite(str(tmp_path / "editor.png"), shot)
+            assert painted > 10_000 and raw < 0.01 * painted, (raw, painted)
+            page.click("#ls-save")
+            page.wait_for_function(
+                "document.querySelector('#ls-save-msg').innerText.includes('Saved revision')", timeout=60_000
+            )
             page.screenshot(path=str(tmp_path / "page.png"))
             browser.close()
     finally:
@@ -85,8 +125,17 @@ def test_paint_save_and_see_preannotation(tiny_dataset: Path, tmp_path: Path):
     from labelsmart.store import Store
 
     cfg = config.load({"dataset": str(tiny_dataset), "workdir": str(tmp_path / "work")}, env={})
-    store = Store(cfg.db_path)
+    store = Store(cfg.db_path, image_root=cfg.image_root)
     first = store.images()[0]
-    counts = store.class_pixel_counts()
-    assert store.current_revision(first.id) is not None
-    assert counts.get(0, 0) > 50 and counts.get(1, 0) > 50  # both strokes landed with their class
+    strokes = store.load_revision(store.history(first.id)[0].id)
+    assert (strokes == 0).sum() > 50 and (strokes == 1).sum() > 50  # both strokes landed with their class
+    assert (strokes[:30] != 1).all() and (strokes[-30:] != 0).all()  # ... where they were painted
+    # The accepted pre-annotation was saved where the model put it: pixel for pixel, not shifted.
+    from labelsmart.predictor import OnnxModel
+
+    model = OnnxModel(Path(store.latest_published().path).parent / "v0001" / "model.onnx", threads=1, device="cpu")
+    second = store.images()[2]
+    predicted = model.predict(store.read_image(second.id)).mask
+    assert predicted.shape == (H, W)
+    accepted = store.current_label(second.id)
+    assert (accepted == predicted).mean() > 0.99
