@@ -48,6 +48,39 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def screenshot(url: str, stem: str, colors: list[list[int]], path: Path) -> None:
+    """Open ``stem`` in the page, press "Use pre-annotation", wait until the editor shows it, take a picture."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path="/usr/bin/chromium", args=FLAGS, headless=True)
+        page = browser.new_page(viewport={"width": 1500, "height": 980})
+        page.goto(url)
+        page.wait_for_selector("#ls-editor canvas", timeout=180_000)
+        page.wait_for_timeout(1500)
+        page.click("#ls-picker input")
+        page.keyboard.press("Control+A")
+        page.keyboard.type(stem)
+        page.wait_for_timeout(500)
+        page.keyboard.press("ArrowDown")
+        page.keyboard.press("Enter")
+        page.wait_for_function(f"document.querySelector('#ls-image-info').innerText.includes('{stem}')", timeout=60_000)
+        page.wait_for_function(
+            "document.querySelector('#ls-overlay-info').innerText.includes('model v')", timeout=60_000
+        )
+        page.click("#ls-accept")
+        pal = np.asarray(colors)
+        for _ in range(120):  # software WebGL in headless Chromium can take a while to draw the new layer
+            page.wait_for_timeout(1000)
+            shot = cv2.imdecode(np.frombuffer(page.locator("#ls-editor").screenshot(), np.uint8), cv2.IMREAD_COLOR)
+            rgb = cv2.cvtColor(shot, cv2.COLOR_BGR2RGB).reshape(-1, 1, 3).astype(int)
+            if (np.abs(rgb - pal[None]).sum(axis=2).min(axis=1) < 10).mean() > 0.3:
+                break
+        page.wait_for_timeout(1000)
+        page.screenshot(path=str(path))
+        browser.close()
+
+
 def main() -> int:
     """Run the trial."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -158,36 +191,11 @@ def main() -> int:
                 cmd += ["--dataset", str(dataset), "--split", split, "--out", str(ev)]
                 subprocess.run(cmd, cwd=ROOT, check=True)
                 result["versions"][version]["eval"][split] = json.loads(ev.read_text())
-        # A picture of the page on an image nobody labelled.
+        (out / "trial.json").write_text(json.dumps(result, indent=2))  # the numbers, whatever the picture does
+        # A picture of the page on an image nobody labelled, its pre-annotation copied into the editor.
         unseen = sorted(splits[eval_splits[0]])[0]
         rel = next(p for p in by_path if Path(p).stem == unseen)
-        from playwright.sync_api import sync_playwright
-
-        with sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path="/usr/bin/chromium", args=FLAGS, headless=True)
-            page = browser.new_page(viewport={"width": 1500, "height": 980})
-            page.goto(url)
-            page.wait_for_selector("#ls-editor canvas", timeout=60_000)
-            page.wait_for_timeout(1500)
-            page.click("#ls-picker input")
-            page.keyboard.press("Control+A")
-            page.keyboard.type(Path(rel).stem)
-            page.wait_for_timeout(500)
-            page.keyboard.press("ArrowDown")
-            page.keyboard.press("Enter")
-            page.wait_for_function(
-                f"document.querySelector('#ls-image-info').innerText.includes('{Path(rel).stem}')", timeout=60_000
-            )
-            page.wait_for_function(
-                "document.querySelector('#ls-overlay-info').innerText.includes('model v')", timeout=60_000
-            )
-            page.click("#ls-accept")  # the pre-annotation as editable strokes: what a user corrects
-            page.wait_for_function(
-                "document.querySelector('#ls-save-msg').innerText.includes('Pre-annotation copied')", timeout=60_000
-            )
-            page.wait_for_timeout(2000)
-            page.screenshot(path=str(out / "screenshot.png"))
-            browser.close()
+        screenshot(url, Path(rel).stem, colors, out / "screenshot.png")
         result["screenshot_image"] = rel
     finally:
         proc.terminate()
