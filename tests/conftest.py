@@ -97,3 +97,59 @@ def tiny_cfg(tiny_dataset: Path, tmp_path: Path):
         },
         env={},
     )
+
+
+# A hand-built ONNX model with a sidecar, for predictor and CLI tests that need no training.
+TOY_CLASSES = [
+    {"id": 0, "name": "red", "color": [255, 0, 0]},
+    {"id": 1, "name": "green", "color": [0, 255, 0]},
+    {"id": 2, "name": "blue", "color": [0, 0, 255]},
+]
+RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
+
+
+def write_toy_model(
+    path: Path, version: int = 1, perm: tuple[int, ...] = (0, 1, 2), max_side: int = 64, pad_multiple: int = 8
+) -> Path:
+    """A 1x1 convolution whose class ``k`` is colour channel ``perm[k]`` (times 10), plus its sidecar JSON.
+
+    With mean 0 and std 1 the input is the colour in 0..1, so a pure red image is class ``perm.index(0)``.
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    k = len(perm)
+    w = np.zeros((k, 3, 1, 1), np.float32)
+    for cls, ch in enumerate(perm):
+        w[cls, ch, 0, 0] = 10.0
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["image", "W", "B"], ["logits"])],
+        "toy",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, "height", "width"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", k, "height", "width"])],
+        [numpy_helper.from_array(w, "W"), numpy_helper.from_array(np.zeros(k, np.float32), "B")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
+    onnx.checker.check_model(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    sidecar = {
+        "format": "labelsmart-onnx/1",
+        "version": version,
+        "classes": TOY_CLASSES[:k],
+        "num_classes": k,
+        "mean": [0.0, 0.0, 0.0],
+        "std": [1.0, 1.0, 1.0],
+        "max_side": max_side,
+        "pad_multiple": pad_multiple,
+        "input_name": "image",
+        "output_name": "logits",
+        "opset": 18,
+        "metrics": {},
+        "arch": "toy",
+        "encoder": "none",
+        "exporter": "onnx.helper",
+        "created_at": "2026-01-01T00:00:00Z",
+    }
+    path.with_suffix(".json").write_text(json.dumps(sidecar))
+    return path

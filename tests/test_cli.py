@@ -10,56 +10,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from conftest import BLUE, GREEN, RED, TOY_CLASSES, write_toy_model
 from PIL import Image
 
 from labelsmart.cli import main
 
-TOY_CLASSES = [
-    {"id": 0, "name": "red", "color": [255, 0, 0]},
-    {"id": 1, "name": "green", "color": [0, 255, 0]},
-    {"id": 2, "name": "blue", "color": [0, 0, 255]},
-]
-RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def write_toy_model(path: Path, version: int = 3, max_side: int = 64, pad_multiple: int = 8) -> Path:
-    """A 1x1 convolution: class k = colour channel k (times 10); with its sidecar JSON (mean 0, std 1)."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    w = np.zeros((3, 3, 1, 1), np.float32)
-    for k in range(3):
-        w[k, k, 0, 0] = 10.0
-    graph = helper.make_graph(
-        [helper.make_node("Conv", ["image", "W", "B"], ["logits"])],
-        "toy",
-        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, "height", "width"])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 3, "height", "width"])],
-        [numpy_helper.from_array(w, "W"), numpy_helper.from_array(np.zeros(3, np.float32), "B")],
-    )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9), str(path))
-    sidecar = {
-        "format": "labelsmart-onnx/1",
-        "version": version,
-        "classes": TOY_CLASSES,
-        "num_classes": 3,
-        "mean": [0.0, 0.0, 0.0],
-        "std": [1.0, 1.0, 1.0],
-        "max_side": max_side,
-        "pad_multiple": pad_multiple,
-        "input_name": "image",
-        "output_name": "logits",
-        "opset": 18,
-        "metrics": {},
-        "arch": "toy",
-        "encoder": "none",
-        "exporter": "onnx.helper",
-        "created_at": "2026-01-01T00:00:00Z",
-    }
-    path.with_suffix(".json").write_text(json.dumps(sidecar))
-    return path
 
 
 def save_rgb(path: Path, img: np.ndarray) -> None:
@@ -75,7 +31,7 @@ def solid(color: tuple[int, int, int], h: int = 24, w: int = 32) -> np.ndarray:
 
 @pytest.fixture
 def model(tmp_path: Path) -> Path:
-    return write_toy_model(tmp_path / "model" / "toy.onnx")
+    return write_toy_model(tmp_path / "model" / "toy.onnx", version=3)
 
 
 @pytest.fixture

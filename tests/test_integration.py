@@ -40,8 +40,24 @@ def test_scribbles_to_preannotations_above_chance(tiny_dataset: Path, tiny_cfg, 
     pred = predictor.predict(by_stem[splits["val"][0]])
     assert pred is not None and pred.mask.shape == (96, 128) and 0 < pred.mean_confidence <= 1
     model_path = Path(row.path) / "model.onnx"
-    assert main(["evaluate", "--model", str(model_path), "--dataset", str(tiny_dataset), "--split", "val",
-                 "--threads", "1", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                str(model_path),
+                "--dataset",
+                str(tiny_dataset),
+                "--split",
+                "val",
+                "--threads",
+                "1",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     report = json.loads(model_path.with_name("model.eval-val.json").read_text())
     assert report["images"] == 4
     assert report["miou"] > 0.6, report  # chance for 3 classes is about 0.2
