@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -67,6 +68,11 @@ def main(argv: list[str] | None = None) -> int:
     predictor = Predictor(store, cfg)
     predictor.refresh()
     demo_ui = build_ui(Session(cfg, store, predictor, supervisor))
+
+    def terminate(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)  # unwinds through launch() so the finally below stops the trainer
+
+    signal.signal(signal.SIGTERM, terminate)
     try:
         demo_ui.queue(default_concurrency_limit=4).launch(
             server_name=cfg.host,

@@ -179,6 +179,7 @@ class TrainerLoop:
         self.last_round_end: float | None = None
         self.status: dict[str, Any] = {"state": "waiting", "message": "starting", "pid": os.getpid()}
         self._last_write = 0.0
+        self._stop: Callable[[], bool] = lambda: False
 
     def write_status(self, force: bool = False, **fields: Any) -> None:
         """Update the status record the UI shows (at most a few writes per second)."""
@@ -225,7 +226,7 @@ class TrainerLoop:
             self.write_status(force=stage != self.status.get("state"), state=stage, message=stage, **info)
 
         try:
-            row = run_one_round(self.cfg, self.store, progress=progress)
+            row = run_one_round(self.cfg, self.store, progress=progress, should_stop=self._stop)
         except Exception as exc:  # noqa: BLE001 - any failure of a round is reported, never fatal
             log.error("training round failed: %s\n%s", exc, traceback.format_exc())
             msg = f"training round failed: {type(exc).__name__}: {exc}"
@@ -243,7 +244,8 @@ class TrainerLoop:
         return True
 
     def run(self, stop: Callable[[], bool] = lambda: False) -> None:
-        """Poll until ``stop()`` is true."""
+        """Poll until ``stop()`` is true (a running round is cancelled at its next step)."""
+        self._stop = stop
         self.recover()
         self.write_status(force=True, state="waiting", message="trainer started")
         while not stop():
@@ -252,10 +254,16 @@ class TrainerLoop:
 
 
 def trainer_main(cfg: Config) -> None:
-    """Entry point of the trainer process."""
+    """Entry point of the trainer process. It ends when the process that started it is gone.
+
+    The app stops its trainer on a normal exit; the parent check covers an app killed outright, so no
+    orphaned trainer keeps a CPU and a gigabyte of memory busy.
+    """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s trainer %(levelname)s %(name)s: %(message)s")
+    parent = os.getppid()
     store = Store(cfg.db_path, image_root=cfg.image_root)
-    TrainerLoop(cfg, store).run()
+    TrainerLoop(cfg, store).run(stop=lambda: os.getppid() != parent)
+    log.info("the app (pid %d) is gone; trainer exits", parent)
 
 
 class Supervisor:

@@ -7,6 +7,7 @@ import time
 
 import numpy as np
 import pytest
+from conftest import pid_alive
 
 from labelsmart.config import TriggerConfig
 from labelsmart.project import open_project
@@ -105,3 +106,29 @@ def test_supervisor_restarts_a_dead_trainer_and_says_so(tiny_cfg):
     finally:
         sup.stop()
     assert not sup.alive
+
+
+def test_trainer_exits_when_the_app_is_killed(tiny_cfg):
+    import subprocess
+    import sys
+
+    open_project(tiny_cfg).close()
+    code = (
+        "import os, sys, time\n"
+        "sys.path.insert(0, os.getcwd())\n"
+        "from labelsmart import config\n"
+        "from labelsmart.store import Store\n"
+        "from labelsmart.trainer import Supervisor\n"
+        f"cfg = config.load({{'dataset': {str(tiny_cfg.dataset)!r}, 'workdir': {str(tiny_cfg.workdir)!r}, "
+        "'trigger.poll_s': 0.2}, env={})\n"
+        "sup = Supervisor(cfg, Store(cfg.db_path, image_root=cfg.image_root)); sup.start()\n"
+        "print(sup.pid, flush=True); time.sleep(8); os._exit(0)  # killed: no cleanup runs\n"
+    )
+    app = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    trainer_pid = int(app.stdout.readline())
+    assert pid_alive(trainer_pid)
+    app.wait(60)
+    deadline = time.time() + 30
+    while time.time() < deadline and pid_alive(trainer_pid):
+        time.sleep(0.2)
+    assert not pid_alive(trainer_pid), "the trainer outlived the app"

@@ -12,7 +12,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from conftest import CLASSES, scribbles, synth_scene
+from conftest import CLASSES, pid_alive, scribbles, synth_scene
 
 from labelsmart import imageio
 from labelsmart.predictor import Predictor
@@ -188,6 +188,14 @@ def test_launched_app_save_train_preannotate(tiny_dataset: Path, tmp_path: Path)
         assert "model v1" in overlay_info
     finally:
         stop_app(proc)
+    # Stopping the app stops its trainer process too.
+    from labelsmart.store import Store
+
+    trainer_pid = Store(tmp_path / "work" / "project.sqlite").get_status("trainer")[0]["pid"]
+    deadline = time.time() + 20
+    while time.time() < deadline and pid_alive(trainer_pid):
+        time.sleep(0.2)
+    assert not pid_alive(trainer_pid), "the trainer outlived the app"
 
 
 def test_app_refuses_a_missing_folder_in_one_sentence(tmp_path: Path):
