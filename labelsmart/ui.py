@@ -246,7 +246,10 @@ class Session:
         rec = self.store.get_status("trainer")
         lines = []
         if rec is None:
-            lines.append("**Trainer:** starting…")
+            running = self.supervisor is not None
+            lines.append(
+                "**Trainer:** starting…" if running else "**Trainer:** not running (started with --no-trainer)"
+            )
         else:
             st, written = rec
             state = st.get("state", "?")
