@@ -1,4 +1,4 @@
-"""``python -m labelsmart``: train | export | preannotate | evaluate.
+"""``python -m labelsmart``: train | export | preannotate | evaluate | bench.
 
 Every command logs to stderr, prints its results to stdout, and ends a user error (bad path, unreadable
 file, wrong model) with one ``error: <sentence>`` line on stderr and a non-zero exit code, not a traceback.
@@ -513,6 +513,69 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# ------------------------------------------------------------------------------------------------- bench
+
+
+def _parse_batches(text: str) -> list[int]:
+    """``"1,8"`` -> ``[1, 8]``; raises :class:`CliError` on anything else."""
+    try:
+        batches = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        batches = []
+    if not batches or any(b < 1 for b in batches):
+        raise CliError(f"--batch {text}: give batch sizes of 1 or more separated by commas, such as 1,8.")
+    return batches
+
+
+def _parse_size(text: str) -> tuple[int, int]:
+    """``"480x360"`` -> ``(480, 360)`` (W, H); raises :class:`CliError` on anything else."""
+    parts = text.lower().split("x")
+    try:
+        w, h = (int(v) for v in parts)
+    except ValueError:
+        w = h = 0
+    if w < 1 or h < 1:
+        raise CliError(f"--size {text}: give the image size as WIDTHxHEIGHT, such as 480x360.")
+    return w, h
+
+
+def cmd_bench_serve(args: argparse.Namespace) -> int:
+    """Serving speed: ONNX Runtime against eager PyTorch on the same inputs, per batch size."""
+    from labelsmart import bench
+
+    batches = _parse_batches(args.batch)
+    size = _parse_size(args.size)
+    model = Path(args.model)
+    if not model.is_file():
+        raise CliError(f"{model}: model file not found; pass --model an exported .onnx file.")
+    images = Path(args.images)
+    if not images.is_dir():
+        raise CliError(f"{images}: not a folder; pass --images a folder of images.")
+    if args.checkpoint is not None and not Path(args.checkpoint).is_file():
+        raise CliError(f"{args.checkpoint}: checkpoint not found; pass --checkpoint the model.pt of the ONNX model.")
+    if args.warmup < 0 or args.repeat < 1:
+        raise CliError(f"--warmup {args.warmup} --repeat {args.repeat}: warmup must be 0 or more, repeat 1 or more.")
+    if args.threads < 0:
+        raise CliError(f"--threads {args.threads}: give 0 (all cores) or more.")
+    records = bench.serve_benchmark(
+        model,
+        images,
+        batches,
+        args.threads,
+        Path(args.checkpoint) if args.checkpoint is not None else None,
+        args.warmup,
+        args.repeat,
+        size,
+        Path(args.out),
+        device=args.device,
+    )
+    print(bench.format_table(records))
+    print(f"results: {Path(args.out) / bench.RESULTS_NAME}")
+    ratio = bench.ort_over_torch(records)
+    print(f"ort_over_torch={'n/a' if ratio is None else f'{ratio:.2f}'}")
+    return EXIT_OK
+
+
 # ------------------------------------------------------------------------------------------------ parser
 
 
@@ -564,6 +627,21 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (default all cores)")
     v.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="inference device")
     v.set_defaults(func=cmd_evaluate)
+
+    b = sub.add_parser("bench", help="benchmarks")
+    bsub = b.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
+    s = bsub.add_parser("serve", help="serving speed: ONNX Runtime against eager PyTorch, per batch size")
+    s.add_argument("--model", required=True, help="exported .onnx file (its sidecar .json beside it)")
+    s.add_argument("--checkpoint", help="the model.pt the ONNX file came from, to time eager PyTorch too")
+    s.add_argument("--images", required=True, help="folder of images (the first max(--batch) are used)")
+    s.add_argument("--batch", default="1,8", help="batch sizes, comma-separated (default 1,8)")
+    s.add_argument("--threads", type=int, default=0, help="intra-op threads of both engines (default all cores)")
+    s.add_argument("--warmup", type=int, default=3, help="untimed runs per engine and batch (default 3)")
+    s.add_argument("--repeat", type=int, default=20, help="timed runs per engine and batch (default 20)")
+    s.add_argument("--size", default="480x360", help="resize images to WIDTHxHEIGHT first (default 480x360)")
+    s.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="inference device (default cpu)")
+    s.add_argument("--out", required=True, help="output folder for serve.jsonl (overwritten)")
+    s.set_defaults(func=cmd_bench_serve)
     return p
 
 

@@ -1,0 +1,305 @@
+"""Serving-speed benchmark: ONNX Runtime against eager PyTorch on the same inputs, in the same process.
+
+Images are read and prepared once (through :func:`labelsmart.imageio.prepare` with the model's own sidecar
+preprocessing), so both engines time pure inference on the very same float32 tensors. torch is imported only
+when a checkpoint is given, so an ONNX Runtime-only run does not need it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import platform
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from labelsmart import imageio
+from labelsmart.predictor import OnnxModel
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SIZE = (480, 360)  # (W, H): BENCHMARK.md section 3
+RESULTS_NAME = "serve.jsonl"
+
+
+# ------------------------------------------------------------------------------------------- environment
+
+
+def git_commit(root: Path | None = None) -> str | None:
+    """Short hash of the checkout holding this package (None outside git or without git)."""
+    root = root or Path(__file__).resolve().parent
+    try:
+        res = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10, check=False
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    out = res.stdout.strip()
+    return out if res.returncode == 0 and out else None
+
+
+def cpu_description() -> str:
+    """A one-line description of the CPU: model name (from /proc/cpuinfo where there is one), arch, cores."""
+    name = platform.processor()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{name or 'unknown CPU'} ({platform.machine()}, {os.cpu_count()} cores, {platform.system()})"
+
+
+# ----------------------------------------------------------------------------------------------- inputs
+
+
+def load_inputs(images_dir: Path, count: int, size: tuple[int, int] | None, pp: Any) -> np.ndarray:
+    """``count`` prepared network inputs ``(count, 3, Hp, Wp)`` float32 from the images of a folder.
+
+    Up to ``count`` images are read (cycled when the folder has fewer), resized to ``size`` (W, H) when
+    given, and prepared with ``pp`` (a :class:`labelsmart.config.PreprocessConfig`). Without ``size``,
+    images of different sizes are padded to the largest padded size so that they stack.
+
+    Raises:
+        ValueError: the folder holds no image.
+        labelsmart.imageio.ImageError: an image cannot be read.
+    """
+    names: list[Path] = []
+    for rel in imageio.list_images(images_dir):
+        names.append(rel)
+        if len(names) >= count:
+            break
+    if not names:
+        raise ValueError(f"{images_dir}: no images found; pass --images a folder of JPEG/PNG images.")
+    images = [imageio.read_image(images_dir / rel) for rel in names]
+    if size is not None:
+        w, h = size
+        images = [imageio.resize_image(img, (h, w)) for img in images]
+    prepared = [imageio.prepare(img, pp) for img in images]
+    pad_h = max(meta.pad_hw[0] for _, meta in prepared)
+    pad_w = max(meta.pad_hw[1] for _, meta in prepared)
+    if any(meta.pad_hw != (pad_h, pad_w) for _, meta in prepared):
+        prepared = [imageio.prepare(img, pp, pad_to=(pad_h, pad_w)) for img in images]
+    tensors = [x for x, _ in prepared]
+    while len(tensors) < count:  # fewer images than the largest batch: reuse them
+        tensors.append(tensors[len(tensors) % len(names)])
+    log.info("prepared %d inputs (%d distinct images) at %dx%d (HxW)", count, len(names), pad_h, pad_w)
+    return np.ascontiguousarray(np.stack(tensors[:count]))  # (count, 3, Hp, Wp)
+
+
+# ---------------------------------------------------------------------------------------------- timing
+
+
+def time_runs(run: Callable[[], Any], warmup: int, repeat: int) -> list[float]:
+    """Call ``run`` ``warmup`` times untimed, then ``repeat`` times timed; returns the seconds of each."""
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def summarize(times: list[float], batch: int) -> dict[str, float]:
+    """Latency per batch (p50/p95 in ms) and throughput (batch / median seconds)."""
+    ms = np.asarray(times, dtype=np.float64) * 1000.0
+    p50 = float(np.percentile(ms, 50))
+    return {
+        "images_per_s": round(batch / (p50 / 1000.0), 3),
+        "p50_ms": round(p50, 3),
+        "p95_ms": round(float(np.percentile(ms, 95)), 3),
+    }
+
+
+# ----------------------------------------------------------------------------------------------- engines
+
+
+def _bench_onnxruntime(
+    model: OnnxModel, inputs: np.ndarray, batches: list[int], warmup: int, repeat: int
+) -> dict[int, dict[str, float]]:
+    out: dict[int, dict[str, float]] = {}
+    for b in batches:
+        x = np.ascontiguousarray(inputs[:b])  # (b, 3, Hp, Wp)
+        times = time_runs(lambda x=x: model.session.run([model.output_name], {model.input_name: x}), warmup, repeat)
+        out[b] = summarize(times, b)
+        log.info("onnxruntime batch %d: %s", b, out[b])
+    return out
+
+
+def _bench_pytorch(
+    checkpoint: Path,
+    inputs: np.ndarray,
+    batches: list[int],
+    threads: int,
+    device: str,
+    num_classes: int,
+    warmup: int,
+    repeat: int,
+    reference: Callable[[np.ndarray], np.ndarray],
+) -> dict[int, dict[str, float]]:
+    import torch
+
+    from labelsmart.model import load_checkpoint
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: PyTorch sees no CUDA GPU; run on a GPU machine or use --device cpu.")
+    model, ckpt = load_checkpoint(checkpoint, map_location=device)
+    if int(ckpt["num_classes"]) != num_classes:
+        raise ValueError(
+            f"{checkpoint}: the checkpoint has {ckpt['num_classes']} classes but the ONNX model {num_classes}; "
+            "pass the checkpoint the model was exported from."
+        )
+    model.eval()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+        with torch.inference_mode():
+            # Same weights as the ONNX file? A cheap check on one input; a mismatch is logged, not fatal.
+            got = model(torch.from_numpy(inputs[:1]).to(device)).cpu().numpy()  # (1, K, Hp, Wp)
+            diff = float(np.abs(got - reference(inputs[:1])).max())
+            log.log(logging.INFO if diff < 1e-2 else logging.WARNING, "pytorch vs onnxruntime max |diff| %.3g", diff)
+            out: dict[int, dict[str, float]] = {}
+            for b in batches:
+                x = torch.from_numpy(np.ascontiguousarray(inputs[:b]))  # (b, 3, Hp, Wp), shares memory
+
+                def run(x: Any = x) -> Any:
+                    # numpy in, numpy out, like ONNX Runtime: on a GPU the copies are part of serving
+                    y = model(x.to(device)).cpu().numpy()  # (b, K, Hp, Wp)
+                    sync()
+                    return y
+
+                out[b] = summarize(time_runs(run, warmup, repeat), b)
+                log.info("pytorch batch %d: %s", b, out[b])
+    finally:
+        torch.set_num_threads(before)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ public
+
+
+def serve_benchmark(
+    model_path: Path,
+    images_dir: Path,
+    batches: list[int],
+    threads: int,
+    checkpoint: Path | None,
+    warmup: int,
+    repeat: int,
+    size: tuple[int, int] | None,
+    out_dir: Path,
+    device: str = "cpu",
+) -> list[dict[str, Any]]:
+    """Time ONNX Runtime (and eager PyTorch on the same weights) per batch size; write ``out_dir/serve.jsonl``.
+
+    Args:
+        model_path: exported ``.onnx`` file (its sidecar JSON beside it).
+        images_dir: folder of images; up to ``max(batches)`` of them are used (cycled when fewer).
+        batches: batch sizes, each at least 1.
+        threads: intra-op threads for both engines (0 = all cores).
+        checkpoint: the ``model.pt`` the ONNX file was exported from; None times ONNX Runtime only.
+        warmup: untimed runs per (engine, batch).
+        repeat: timed runs per (engine, batch).
+        size: resize every image to ``(W, H)`` first; None keeps their own sizes.
+        out_dir: folder for ``serve.jsonl`` (overwritten).
+        device: ``cpu`` or ``cuda`` (ONNX Runtime falls back to CPU where CUDA does not load; see the
+            ``providers`` of its records).
+
+    Returns:
+        One record per (engine, batch): ``engine``, ``device``, ``providers``, ``batch``, ``images_per_s``,
+        ``p50_ms``, ``p95_ms`` (latency per batch), ``threads``, ``input_hw``, ``model``, ``commit``, ``cpu``,
+        ``date``.
+
+    Raises:
+        ValueError: bad arguments, no images, or a model/checkpoint that cannot be used.
+        FileNotFoundError: the model file is missing.
+    """
+    if not batches or any(b < 1 for b in batches):
+        raise ValueError(f"batch sizes {batches}: give one or more batch sizes of 1 or more.")
+    if warmup < 0 or repeat < 1:
+        raise ValueError(f"warmup {warmup}, repeat {repeat}: warmup must be 0 or more and repeat 1 or more.")
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device {device!r}: use cpu or cuda.")
+    images_dir = Path(images_dir)
+    if not images_dir.is_dir():
+        raise ValueError(f"{images_dir}: not a folder; pass --images a folder of images.")
+    if checkpoint is not None and not Path(checkpoint).is_file():
+        raise ValueError(f"{checkpoint}: checkpoint not found; pass --checkpoint the model.pt of the ONNX model.")
+    n_threads = int(threads or os.cpu_count() or 1)
+    batches = sorted(set(batches))
+
+    model = OnnxModel(Path(model_path), threads=n_threads, device=device)
+    inputs = load_inputs(images_dir, max(batches), size, model.pp)  # (Bmax, 3, Hp, Wp)
+    input_hw = [int(inputs.shape[2]), int(inputs.shape[3])]
+
+    ort_device = "cuda" if "CUDAExecutionProvider" in model.providers else "cpu"
+    if ort_device != device:
+        log.warning("ONNX Runtime runs on %s (providers %s), not %s", ort_device, model.providers, device)
+    results: list[tuple[str, str, list[str], dict[int, dict[str, float]]]] = [
+        ("onnxruntime", ort_device, list(model.providers), _bench_onnxruntime(model, inputs, batches, warmup, repeat))
+    ]
+    if checkpoint is not None:
+        torch_res = _bench_pytorch(
+            Path(checkpoint),
+            inputs,
+            batches,
+            n_threads,
+            device,
+            model.num_classes,
+            warmup,
+            repeat,
+            reference=lambda x: model.session.run([model.output_name], {model.input_name: x})[0],
+        )
+        results.append(("pytorch", device, [], torch_res))
+
+    common = {
+        "threads": n_threads,
+        "input_hw": input_hw,
+        "model": str(model_path),
+        "commit": git_commit(),
+        "cpu": cpu_description(),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    }
+    records = [
+        {"engine": engine, "device": dev, "providers": providers, "batch": b, **res[b], **common}
+        for engine, dev, providers, res in results
+        for b in batches
+    ]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    text = "".join(json.dumps(r) + "\n" for r in records)
+    imageio.atomic_write_bytes(out_dir / RESULTS_NAME, text.encode())
+    log.info("wrote %d records to %s", len(records), out_dir / RESULTS_NAME)
+    return records
+
+
+def format_table(records: list[dict[str, Any]]) -> str:
+    """A small fixed-width table of benchmark records."""
+    head = f"{'engine':<12} {'device':<6} {'batch':>5} {'img/s':>9} {'p50 ms':>9} {'p95 ms':>9} {'threads':>7}  input"
+    lines = [head]
+    for r in records:
+        lines.append(
+            f"{r['engine']:<12} {r['device']:<6} {r['batch']:>5} {r['images_per_s']:>9.2f} {r['p50_ms']:>9.2f} "
+            f"{r['p95_ms']:>9.2f} {r['threads']:>7}  {r['input_hw'][0]}x{r['input_hw'][1]}"
+        )
+    return "\n".join(lines)
+
+
+def ort_over_torch(records: list[dict[str, Any]], batch: int = 1) -> float | None:
+    """ONNX Runtime images/s over PyTorch images/s at ``batch`` (None without both records)."""
+    ips = {r["engine"]: r["images_per_s"] for r in records if r["batch"] == batch}
+    if "onnxruntime" not in ips or not ips.get("pytorch"):
+        return None
+    return float(ips["onnxruntime"]) / float(ips["pytorch"])
