@@ -131,13 +131,17 @@ class Session:
         )
         editor = {"background": image, "layers": [layer], "composite": None}
         overlay, overlay_info, version = self.preannotation(image_id, image, alpha)
-        row = self.store.image(image_id)  # after predicting, so the state says pre-annotated
-        revs = self.store.history(image_id)
-        info = (
-            f"**{html.escape(row.path)}** · {row.width}×{row.height} · {row.state} · "
-            f"{row.labelled_pixels} labelled pixels · {len(revs)} label revision{'s' if len(revs) != 1 else ''}"
-        )
+        info = self.image_info(image_id)  # after predicting, so the state says pre-annotated
         return View(image_id, editor, overlay, overlay_info, info, version)
+
+    def image_info(self, image_id: int) -> str:
+        """One line about an image: path, size, state, labelled pixels, revisions."""
+        row = self.store.image(image_id)
+        n = len(self.store.history(image_id))
+        return (
+            f"**{html.escape(row.path)}** · {row.width}×{row.height} · {row.state} · "
+            f"{row.labelled_pixels} labelled pixels · {n} label revision{'s' if n != 1 else ''}"
+        )
 
     def preannotation(
         self,
@@ -407,7 +411,7 @@ def build_ui(session: Session, poll_s: float = 2.0) -> Any:
 
         def save(image_id: int | None, value: dict | None) -> tuple:
             msg = session.save(image_id, value)
-            info = session.view(image_id).image_info if image_id is not None else ""
+            info = session.image_info(int(image_id)) if image_id is not None else ""
             return msg, info, session.progress_md(), gr.Dropdown(choices=session.image_choices(), value=image_id)
 
         save_btn.click(
