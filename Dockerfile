@@ -2,7 +2,7 @@
 #   docker build -t labelsmart .
 #   docker run --gpus all -p 7860:7860 -v /path/to/images:/data -v labelsmart-models:/app/models \
 #       labelsmart --dataset /data
-FROM nvidia/cuda:13.0.1-cudnn-runtime-ubuntu24.04
+FROM nvidia/cuda:13.0.2-cudnn-runtime-ubuntu24.04
 
 ENV DEBIAN_FRONTEND=noninteractive \
     PYTHONUNBUFFERED=1 \
