@@ -9,6 +9,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from conftest import scribbles, synth_scene
 
 from labelsmart import config, export
 from labelsmart.export import ExportError, export_onnx
@@ -18,39 +19,13 @@ from labelsmart.store import Store
 from labelsmart.train import RoundCancelled, RoundResult, run_round
 
 
-def _scene(rng: np.random.Generator, h: int = 96, w: int = 128) -> tuple[np.ndarray, np.ndarray]:
-    """Sky band on top (class 0), dark ground below (class 1), a red box (class 2); image and dense mask."""
-    horizon = int(rng.integers(30, 50))
-    img = np.empty((h, w, 3), np.float32)
-    mask = np.ones((h, w), np.uint8)
-    img[:horizon], mask[:horizon] = (170, 200, 235), 0
-    img[horizon:] = (60, 60, 65)
-    y0, x0 = int(rng.integers(horizon, h - 24)), int(rng.integers(0, w - 32))
-    img[y0 : y0 + 20, x0 : x0 + 30], mask[y0 : y0 + 20, x0 : x0 + 30] = (200, 30, 30), 2
-    img += rng.normal(0, 6, img.shape)
-    return np.clip(img, 0, 255).astype(np.uint8), mask
-
-
-def _scribble(mask: np.ndarray) -> np.ndarray:
-    """Two-pixel-high strokes through the middle row of each class region."""
-    out = np.full_like(mask, 255)
-    for c in np.unique(mask):
-        ys, _ = np.nonzero(mask == c)
-        yc = int(np.median(ys))
-        band = np.zeros_like(mask, bool)
-        band[yc : yc + 2] = True
-        out[band & (mask == c)] = c
-    return out
-
-
 @pytest.fixture
 def project(tmp_path: Path) -> tuple[config.Config, Store]:
     data = tmp_path / "scenes"
     data.mkdir()
-    rng = np.random.default_rng(0)
     masks = {}
     for i in range(6):
-        img, mask = _scene(rng)
+        img, mask = synth_scene(i)
         cv2.imwrite(str(data / f"s{i}.png"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
         masks[f"s{i}.png"] = mask
     cfg = config.load(
@@ -72,7 +47,7 @@ def project(tmp_path: Path) -> tuple[config.Config, Store]:
     for name, color in (("sky", (128, 128, 255)), ("ground", (80, 80, 80)), ("box", (255, 0, 0))):
         store.add_class(name, color)
     for row in store.images():
-        store.save_label(row.id, _scribble(masks[row.path]))
+        store.save_label(row.id, scribbles(masks[row.path], width=2))
     return cfg, store
 
 
