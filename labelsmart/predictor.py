@@ -185,8 +185,18 @@ class OnnxModel:
             )
         log.info("loaded model v%d from %s on %s", self.version, self.path, self.providers)
 
-    def _run(self, batch: np.ndarray) -> np.ndarray:
-        return self.session.run([self.output_name], {self.input_name: batch})[0]  # (B, K, Hp, Wp)
+    def logits(self, batch: np.ndarray) -> np.ndarray:
+        """Raw class scores for a batch prepared with :func:`imageio.prepare` and this model's ``pp``.
+
+        Args:
+            batch: ``(B, 3, Hp, Wp)`` float32, normalised and padded.
+
+        Returns:
+            ``(B, K, Hp, Wp)`` float32 logits (crop with each image's ``Meta`` before use).
+        """
+        return self.session.run([self.output_name], {self.input_name: batch})[0]
+
+    _run = logits
 
     def predict(self, image: np.ndarray) -> Prediction:
         """Predict one RGB uint8 ``(H, W, 3)`` image."""
