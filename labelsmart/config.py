@@ -83,6 +83,19 @@ class ServeConfig:
 
 
 @dataclass(frozen=True)
+class ActiveConfig:
+    """Active learning: which image "Next" offers (see labelsmart/active.py)."""
+
+    order: str = "suggested"  # what Next does: suggested (most uncertain, no near-duplicates) | sequential
+    method: str = "entropy"  # per-pixel uncertainty: entropy | margin
+    score: bool = True  # the trainer scores unlabelled images after each published version
+    max_images: int = 2000  # images scored per version (a random sample when more are unlabelled)
+    max_seconds: float = 120.0  # time budget of scoring per version (0 = none)
+    threads: int = 1  # ONNX Runtime threads for scoring (the trainer's CPU share)
+    duplicate_similarity: float = 0.85  # thumbnail cosine similarity from which two images count as one view
+
+
+@dataclass(frozen=True)
 class Config:
     """Everything a labelsmart process needs to know."""
 
@@ -102,6 +115,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     trigger: TriggerConfig = field(default_factory=TriggerConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    active: ActiveConfig = field(default_factory=ActiveConfig)
 
     @property
     def project_models_dir(self) -> Path:
@@ -122,6 +136,7 @@ _SECTIONS = {
     "train": TrainConfig,
     "trigger": TriggerConfig,
     "serve": ServeConfig,
+    "active": ActiveConfig,
 }
 FLAG_MAP: dict[str, tuple[str | None, str]] = {
     "dataset": (None, "dataset"),

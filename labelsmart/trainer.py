@@ -240,8 +240,35 @@ class TrainerLoop:
                 error=None,
                 last_version=row.version,
             )
+            self.score(row)
         self.last_round_end = self.clock()
         return True
+
+    def score(self, row: ModelRow) -> None:
+        """Score the unlabelled images with a newly published version, for "Next" (active learning).
+
+        Runs in this process between rounds on ``active.threads`` CPU threads; it stops early for "Train
+        now" or shutdown, and a failure is reported, never fatal (Next then goes by older scores).
+        """
+        acfg = self.cfg.active
+        if not acfg.score:
+            return
+        from labelsmart import active
+
+        def progress(done: int, total: int) -> None:
+            self.write_status(state="scoring", message=f"scoring images with v{row.version}", step=done, total=total)
+
+        def stop() -> bool:
+            return self._stop() or self.store.pending_requests("train_now") > 0
+
+        try:
+            active.score_published(self.store, row, acfg, threads=acfg.threads, should_stop=stop, progress=progress)
+        except Exception as exc:  # noqa: BLE001 - scoring is a help, never a reason to stop training
+            log.error("scoring with v%d failed: %s\n%s", row.version, exc, traceback.format_exc())
+            self.store.add_event("warning", "trainer", f"scoring images with v{row.version} failed: {exc}")
+        self.write_status(
+            force=True, state="waiting", message=f"published version {row.version}", step=None, total=None
+        )
 
     def run(self, stop: Callable[[], bool] = lambda: False) -> None:
         """Poll until ``stop()`` is true (a running round is cancelled at its next step)."""
