@@ -576,6 +576,46 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_bench_loop(args: argparse.Namespace) -> int:
+    """The annotation loop (BENCHMARK.md section 2): a simulated annotator, the background trainer, the predictor."""
+    import tempfile
+
+    from labelsmart import loop
+
+    orders = [o.strip() for o in args.order.split(",") if o.strip()]
+    orders = list(loop.ORDERS) if orders == ["both"] else orders
+    if not orders or any(o not in loop.ORDERS for o in orders):
+        raise CliError(f"--order {args.order}: use sequential, suggested, both, or a comma-separated list of them.")
+    overrides: dict[str, str] = {}
+    for item in args.set or []:
+        key, sep, value = item.partition("=")
+        if not sep or "." not in key:
+            raise CliError(f"--set {item}: write it as SECTION.FIELD=VALUE, such as train.steps=100.")
+        overrides[key.strip()] = value.strip()
+    workdir = Path(args.workdir or Path(tempfile.gettempdir()) / "labelsmart-loop")
+    for order in orders:
+        settings = loop.LoopSettings(
+            pool=Path(args.pool),
+            eval_dir=Path(args.eval or args.pool),
+            eval_splits=tuple(s.strip() for s in args.eval_split.split(",") if s.strip()),
+            out=Path(args.out),
+            workdir=workdir,
+            pool_split=args.pool_split,
+            images=args.images,
+            labels=args.labels,
+            order=order,
+            seconds_per_image=args.seconds_per_image,
+            eval_threads=args.threads,
+            overrides=overrides,
+        )
+        summary = loop.run_loop(settings)
+        print(json.dumps({k: v for k, v in summary.items() if k != "versions"}))
+    print(f"results: {Path(args.out)}/<order>-<labels>/{loop.RESULTS_NAME}")
+    print(f"table: {Path(args.out) / 'loop.md'}")
+    print(f"plot: {Path(args.out) / 'loop.png'}")
+    return EXIT_OK
+
+
 # ------------------------------------------------------------------------------------------------ parser
 
 
@@ -642,6 +682,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="inference device (default cpu)")
     s.add_argument("--out", required=True, help="output folder for serve.jsonl (overwritten)")
     s.set_defaults(func=cmd_bench_serve)
+    lp = bsub.add_parser("loop", help="the annotation loop: a simulated annotator with the background trainer")
+    lp.add_argument("--pool", required=True, help="folder (images/, masks/, splits.json, classes.json) to label from")
+    lp.add_argument("--pool-split", dest="pool_split", default="train", help="split the annotator labels from")
+    lp.add_argument("--eval", help="folder the published versions are evaluated on (default: --pool)")
+    lp.add_argument("--eval-split", dest="eval_split", default="val", help="evaluation split(s), comma-separated")
+    lp.add_argument("--images", type=int, default=30, help="images the annotator labels (default 30)")
+    lp.add_argument("--labels", choices=("scribble", "correct"), default="scribble", help="what the annotator saves")
+    lp.add_argument("--order", default="sequential", help="sequential, suggested, both (run one after the other)")
+    lp.add_argument(
+        "--seconds-per-image", dest="seconds_per_image", type=float, default=30.0, help="annotator pace (default 30)"
+    )
+    lp.add_argument("--workdir", help="project state and models of the runs (default: a folder in the temp dir)")
+    lp.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads when evaluating (default all cores)")
+    lp.add_argument("--set", action="append", metavar="KEY=VALUE", help="change any SECTION.FIELD setting (repeatable)")
+    lp.add_argument("--out", required=True, help="output folder: <order>-<labels>/loop.jsonl, loop.md, loop.png")
+    lp.set_defaults(func=cmd_bench_loop)
     return p
 
 
