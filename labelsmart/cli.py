@@ -11,14 +11,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-import cv2
 import numpy as np
 
 from labelsmart import config, imageio
@@ -124,53 +122,6 @@ def _metrics_line(metrics: dict[str, Any]) -> str:
     return "metrics: " + (" ".join(parts) if parts else json.dumps(metrics, sort_keys=True, default=str))
 
 
-def _encode_jpeg(rgb: np.ndarray, quality: int = 90) -> bytes:
-    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
-    if not ok:
-        raise ValueError("JPEG encoding failed")
-    return buf.tobytes()
-
-
-def _append_jsonl(fh: TextIO, record: dict[str, Any]) -> None:
-    """Append one JSON line and make it durable before going on."""
-    fh.write(json.dumps(record, sort_keys=False) + "\n")
-    fh.flush()
-    os.fsync(fh.fileno())
-
-
-def _repair_jsonl(path: Path) -> None:
-    """Cut a partial last line (left by a crash in the middle of an append)."""
-    if not path.is_file():
-        return
-    with open(path, "rb+") as fh:
-        size = fh.seek(0, os.SEEK_END)
-        if size == 0:
-            return
-        fh.seek(size - 1)
-        if fh.read(1) == b"\n":
-            return
-        tail = max(0, size - (1 << 16))
-        fh.seek(tail)
-        chunk = fh.read()
-        cut = chunk.rfind(b"\n")
-        fh.truncate(tail + cut + 1 if cut >= 0 else 0)
-        log.warning("%s: dropped a partial last line left by an interrupted run", path)
-
-
-def _manifest_images(path: Path) -> set[str]:
-    """Images that have a line in a manifest (read line by line)."""
-    done: set[str] = set()
-    if not path.is_file():
-        return done
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            try:
-                done.add(json.loads(line)["image"])
-            except (json.JSONDecodeError, KeyError, TypeError):
-                continue
-    return done
-
-
 # ------------------------------------------------------------------------------------------------- train
 
 
@@ -260,38 +211,15 @@ def cmd_export(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------- preannotate
 
 
-def _walk_inputs(images: Path, out: Path) -> Iterator[Path]:
-    """Relative image paths under ``images``, leaving out anything under ``out`` (it may sit inside)."""
-    out_abs = out.resolve()
-    root_abs = images.resolve()
-    inside = out_abs == root_abs or root_abs in out_abs.parents
-    for rel in imageio.list_images(images):
-        if inside:
-            full = (root_abs / rel).resolve()
-            if out_abs in full.parents:
-                continue
-        yield rel
-
-
-def _count_inputs(images: Path, out: Path) -> int:
-    return sum(1 for _ in _walk_inputs(images, out))
-
-
-def _chunks(it: Iterator[Path], n: int) -> Iterator[list[Path]]:
-    chunk: list[Path] = []
-    for item in it:
-        chunk.append(item)
-        if len(chunk) >= n:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
-
-
 def cmd_preannotate(args: argparse.Namespace) -> int:
-    """Pre-annotate a folder of images with an ONNX model: index masks, overlays and a manifest."""
+    """Pre-annotate a folder of images with an ONNX model: index masks, overlays, a manifest, optionally COCO.
+
+    Decoding, inference and writing overlap (see :mod:`labelsmart.batch`); ``--engine ray`` runs the same work
+    on a Ray cluster (see :mod:`labelsmart.ray_engine`). Images done by an earlier run are skipped.
+    """
     from tqdm import tqdm
 
+    from labelsmart import batch
     from labelsmart.predictor import OnnxModel
 
     images = Path(args.images)
@@ -302,133 +230,95 @@ def cmd_preannotate(args: argparse.Namespace) -> int:
         raise CliError(f"{out}: --out is the images folder, and masks would overwrite PNG images; pick another folder.")
     if args.batch < 1:
         raise CliError(f"--batch {args.batch}: give a batch size of 1 or more.")
+    if args.io_threads < 1:
+        raise CliError(f"--io-threads {args.io_threads}: give 1 or more.")
+    if args.address and args.engine != "ray":
+        raise CliError("--address is the Ray cluster to use; add --engine ray.")
     model = OnnxModel(Path(args.model), threads=args.threads or None, device=args.device)
     out.mkdir(parents=True, exist_ok=True)
-    manifest_path = out / "manifest.jsonl"
-    errors_path = out / "errors.jsonl"
-    if args.overwrite:
-        # Start the manifest afresh: every image gets a new line. If this run is cut short, images done
-        # before it keep their masks but lose their line, and the next (resuming) run redoes them.
-        imageio.atomic_write_bytes(manifest_path, b"")
-    _repair_jsonl(manifest_path)
-    _repair_jsonl(errors_path)
-    in_manifest = set() if args.overwrite else _manifest_images(manifest_path)
-
-    names = model.class_names
-    total = _count_inputs(images, out)
+    journal = batch.Journal(out, args.overwrite)
+    total = sum(1 for _ in batch.walk_inputs(images, out))
     log.info(
-        "pre-annotating %d images from %s into %s with model v%d on %s",
+        "pre-annotating %d images from %s into %s with model v%d on %s (%s engine)",
         total,
         images,
         out,
         model.version,
         ", ".join(model.providers),
+        args.engine,
     )
-    done = skipped = failed = 0
-    seen_dir: Path | None = None
-    seen_stems: set[str] = set()
+    counts = {"done": 0, "skipped": 0, "failed": 0}
+    bar = tqdm(total=total, unit="img", desc="pre-annotating", file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
     t0 = time.perf_counter()
 
-    with (
-        open(manifest_path, "a", encoding="utf-8") as manifest,
-        tqdm(
-            total=total, unit="img", desc="pre-annotating", file=sys.stderr, dynamic_ncols=True, mininterval=0.5
-        ) as bar,
-    ):
-        err_fh: TextIO | None = None
+    def fail(rel: Path, message: str) -> None:
+        counts["failed"] += 1
+        tqdm.write(f"skipped {rel.as_posix()}: {message}", file=sys.stderr)
+        journal.error(rel, message)
 
-        def fail(rel: Path, message: str) -> None:
-            nonlocal failed, err_fh
-            failed += 1
-            tqdm.write(f"skipped {rel.as_posix()}: {message}", file=sys.stderr)
-            if err_fh is None:
-                err_fh = open(errors_path, "a", encoding="utf-8")  # noqa: SIM115 - closed below
-            _append_jsonl(err_fh, {"image": rel.as_posix(), "error": message, "time": time.time()})
+    def on_outcome(outcome: batch.Outcome) -> None:
+        if outcome.error is not None:
+            fail(outcome.rel, outcome.error)
+        else:
+            assert outcome.record is not None
+            journal.record(outcome.record)  # only after its files landed
+            counts["done"] += 1
+        bar.update(1)
+        if counts["done"]:
+            bar.set_postfix({"img/s": f"{counts['done'] / (time.perf_counter() - t0):.1f}"}, refresh=False)
 
-        try:
-            for chunk in _chunks(_walk_inputs(images, out), args.batch):
-                todo: list[tuple[Path, np.ndarray]] = []
-                for rel in chunk:
-                    if rel.parent != seen_dir:
-                        seen_dir, seen_stems = rel.parent, set()
-                    mask_rel = rel.with_suffix(".png")
-                    if rel.stem in seen_stems:
-                        fail(
-                            rel,
-                            f"another image in {rel.parent.as_posix() or '.'} has the stem {rel.stem!r}, so "
-                            "their masks would collide; rename one of them.",
-                        )
-                        bar.update(1)
-                        continue
-                    seen_stems.add(rel.stem)
-                    if not args.overwrite and (out / mask_rel).is_file() and rel.as_posix() in in_manifest:
-                        skipped += 1
-                        bar.update(1)
-                        continue
-                    try:
-                        todo.append((rel, imageio.read_image(images / rel)))
-                    except imageio.ImageError as exc:
-                        fail(rel, _one_line(exc))
-                        bar.update(1)
-                if not todo:
-                    continue
-                try:
-                    preds: list[Any] = model.predict_batch([img for _, img in todo])
-                except Exception:  # noqa: BLE001 - find the image that breaks the batch, keep the others
-                    log.warning("a batch failed; predicting its images one by one", exc_info=True)
-                    preds = []
-                    for _rel, img in todo:
-                        try:
-                            preds.append(model.predict(img))
-                        except Exception as exc:  # noqa: BLE001 - one bad image must not stop the run
-                            preds.append(exc)
-                for (rel, img), pred in zip(todo, preds, strict=True):
-                    if isinstance(pred, Exception):
-                        fail(rel, f"inference failed ({_one_line(pred)}); check that the file is a normal photo.")
-                        bar.update(1)
-                        continue
-                    try:
-                        record = _write_outputs(out, rel, img, pred, model.colors, names)
-                    except OSError as exc:
-                        fail(rel, f"cannot write its outputs ({exc}); check the free space and permissions of {out}.")
-                    else:
-                        _append_jsonl(manifest, record)  # only after both files landed
-                        done += 1
-                    bar.update(1)
-                elapsed = time.perf_counter() - t0
-                if done:
-                    bar.set_postfix({"avg img/s": f"{done / elapsed:.1f}"}, refresh=False)
-        finally:
-            if err_fh is not None:
-                err_fh.close()
+    def todo() -> Iterator[Path]:
+        for planned in batch.plan(images, out, args.overwrite, journal.done_before):
+            if planned.action == "do":
+                yield planned.rel
+            else:
+                if planned.action == "skip":
+                    counts["skipped"] += 1
+                else:
+                    fail(planned.rel, planned.message)
+                bar.update(1)
 
-    print(f"done={done} skipped={skipped} failed={failed}")
-    if failed:
-        print(f"failed images are listed in {errors_path}", file=sys.stderr)
-    return EXIT_FAILED if failed else EXIT_OK
+    try:
+        if args.engine == "ray":
+            from labelsmart import ray_engine
 
-
-def _write_outputs(
-    out: Path, rel: Path, image: np.ndarray, pred: Any, colors: Sequence[Sequence[int]], names: Sequence[str]
-) -> dict[str, Any]:
-    """Write the mask and overlay of one image atomically (overlay first, so a mask means both landed)."""
-    mask_rel = rel.with_suffix(".png")
-    overlay_rel = rel.with_name(f"{rel.stem}_overlay.jpg")
-    imageio.atomic_write_bytes(out / overlay_rel, _encode_jpeg(imageio.overlay(image, pred.mask, colors, alpha=0.5)))
-    imageio.atomic_write_bytes(out / mask_rel, imageio.palette_png_bytes(pred.mask, colors))
-    counts = np.bincount(pred.mask.ravel(), minlength=len(names))[: len(names)]
-    n = float(pred.mask.size)
-    return {
-        "image": rel.as_posix(),
-        "mask": mask_rel.as_posix(),
-        "overlay": overlay_rel.as_posix(),
-        "classes_present": [names[i] for i in range(len(names)) if counts[i]],
-        "class_fractions": {names[i]: round(float(counts[i]) / n, 6) for i in range(len(names))},
-        "mean_confidence": round(pred.mean_confidence, 6),
-        "model_version": pred.version,
-        "height": int(pred.mask.shape[0]),
-        "width": int(pred.mask.shape[1]),
-    }
+            ray_engine.run_ray(
+                Path(args.model),
+                images,
+                out,
+                list(todo()),
+                on_outcome,
+                batch=args.batch,
+                threads=args.threads,
+                device=args.device,
+                overlays=args.overlays,
+                address=args.address,
+            )
+        else:
+            batch.run_local(
+                model,
+                images,
+                out,
+                todo(),
+                on_outcome,
+                batch=args.batch,
+                io_threads=args.io_threads,
+                overlays=args.overlays,
+            )
+    finally:
+        journal.close()
+        bar.close()
+    seconds = time.perf_counter() - t0
+    rate = counts["done"] / seconds if counts["done"] and seconds > 0 else 0.0
+    if args.coco is not None:
+        coco_path = Path(args.coco) if args.coco else out / "coco.json"
+        n_img, n_ann = batch.write_coco(out, coco_path, model.class_names)
+        print(f"coco: {coco_path} ({n_img} images, {n_ann} annotations)")
+    print(f"{counts['done']} images in {seconds:.1f} s ({rate:.2f} images/s)", file=sys.stderr)
+    print(f"done={counts['done']} skipped={counts['skipped']} failed={counts['failed']}")
+    if counts["failed"]:
+        print(f"failed images are listed in {journal.errors_path}", file=sys.stderr)
+    return EXIT_FAILED if counts["failed"] else EXIT_OK
 
 
 # ---------------------------------------------------------------------------------------------- evaluate
@@ -616,6 +506,59 @@ def cmd_bench_loop(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _parse_list(text: str, flag: str, kind: type = str) -> tuple[Any, ...]:
+    """``"5,20,50"`` -> ``(5, 20, 50)``; raises :class:`CliError` on anything else."""
+    try:
+        items = tuple(kind(part.strip()) for part in text.split(",") if part.strip())
+    except ValueError:
+        items = ()
+    if not items:
+        raise CliError(f"{flag} {text}: give one or more values separated by commas.")
+    return items
+
+
+def cmd_bench_label_efficiency(args: argparse.Namespace) -> int:
+    """Label efficiency (BENCHMARK.md section 1): labelsmart, CE only and the random-forest peer per N, label form."""
+    from labelsmart import labeleff
+
+    overrides: dict[str, str] = {}
+    for item in args.set or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise CliError(f"--set {item}: write it as SECTION.FIELD=VALUE, such as train.temperature=0.07.")
+        overrides[key.strip()] = value.strip()
+    if args.threads < 0:
+        raise CliError(f"--threads {args.threads}: give 0 (all cores) or more.")
+    spec = labeleff.BenchSpec(
+        pool=Path(args.pool),
+        eval=Path(args.eval or args.pool),
+        out=Path(args.out),
+        pool_split=args.pool_split,
+        eval_splits=_parse_list(args.eval_split, "--eval-split"),
+        n_labeled=_parse_list(args.n_labeled, "--n-labeled", int),
+        labels=_parse_list(args.labels, "--labels"),
+        rows=_parse_list(args.rows, "--rows"),
+        steps=args.steps,
+        minutes=args.minutes,
+        device=args.device,
+        threads=args.threads,
+        seed=args.seed,
+        overrides=overrides,
+        variant=args.variant or "",
+        isolate=not args.in_process,
+    )
+    try:
+        records = labeleff.run_benchmark(spec)
+    except RuntimeError as exc:  # some cells failed; the rest are written
+        raise CliError(str(exc)) from exc
+    finally:
+        print(f"results: {spec.out / labeleff.RESULTS_NAME}")
+        print(f"table: {spec.out / labeleff.TABLE_NAME}")
+        print(f"plot: {spec.out / labeleff.PLOT_NAME}")
+    print(labeleff.format_table(records))
+    return EXIT_OK
+
+
 # ------------------------------------------------------------------------------------------------ parser
 
 
@@ -657,6 +600,29 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--batch", type=int, default=4, help="images per inference run (default 4)")
     a.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (default all cores)")
     a.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="inference device")
+    a.add_argument(
+        "--io-threads",
+        dest="io_threads",
+        type=int,
+        default=2,
+        help="threads that decode and write while the model runs (default 2)",
+    )
+    a.add_argument("--no-overlays", dest="overlays", action="store_false", help="write masks only, no overlay JPEGs")
+    a.add_argument(
+        "--coco",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="PATH",
+        help="also write one COCO JSON with RLE masks for the folder (default OUT/coco.json)",
+    )
+    a.add_argument(
+        "--engine",
+        choices=("local", "ray"),
+        default="local",
+        help="local (this machine) or ray (a Ray cluster; pip install -r requirements-ray.txt)",
+    )
+    a.add_argument("--address", help="Ray cluster address (default: start a local Ray instance)")
     a.set_defaults(func=cmd_preannotate)
 
     v = sub.add_parser("evaluate", help="mIoU of an ONNX model on a labelled split")
@@ -698,6 +664,26 @@ def build_parser() -> argparse.ArgumentParser:
     lp.add_argument("--set", action="append", metavar="KEY=VALUE", help="change any SECTION.FIELD setting (repeatable)")
     lp.add_argument("--out", required=True, help="output folder: <order>-<labels>/loop.jsonl, loop.md, loop.png")
     lp.set_defaults(func=cmd_bench_loop)
+    le = bsub.add_parser("label-efficiency", help="mIoU against labelled images: labelsmart, CE only, random forest")
+    le.add_argument("--pool", required=True, help="folder (images/, masks/, splits.json, classes.json) to label from")
+    le.add_argument("--pool-split", dest="pool_split", default="train", help="split the labelled N come from")
+    le.add_argument("--eval", help="folder to evaluate on, same layout and classes (default: --pool)")
+    le.add_argument("--eval-split", dest="eval_split", default="val", help="evaluation split(s), comma-separated")
+    le.add_argument("--n-labeled", dest="n_labeled", default="5,20,50", help="labelled images N, comma-separated")
+    le.add_argument("--labels", default="dense,scribble", help="label forms: dense, scribble (comma-separated)")
+    le.add_argument("--rows", default="labelsmart,ce-only,rf", help="rows: labelsmart, ce-only, rf (comma-separated)")
+    le.add_argument("--steps", type=int, help="training steps per network cell (default: the trainer's round steps)")
+    le.add_argument("--minutes", type=float, help="wall-clock training budget per network cell, in minutes")
+    le.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="training device")
+    le.add_argument("--threads", type=int, default=0, help="CPU threads for torch and the forest (default all cores)")
+    le.add_argument("--seed", type=int, default=0, help="training seed (the labelled subset always uses seed 0)")
+    le.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="change a train.*/model.*/preprocess.* setting (repeatable)"
+    )
+    le.add_argument("--variant", help="name for the --set changes in results and tables")
+    le.add_argument("--in-process", dest="in_process", action="store_true", help="run cells in this process")
+    le.add_argument("--out", required=True, help="output folder: results.jsonl, table.md, plot (resumable)")
+    le.set_defaults(func=cmd_bench_label_efficiency)
     return p
 
 

@@ -1,0 +1,458 @@
+"""Batch pre-annotation of a folder: a streaming pipeline where decoding, inference and writing overlap.
+
+The work per image is split in three functions shared by every engine (the local pipeline here and the Ray
+engine in :mod:`labelsmart.ray_engine`), so both write byte-identical files:
+
+- :func:`load_item`: read and decode the image, prepare the network input (any thread or process);
+- the model's :meth:`~labelsmart.predictor.OnnxModel.logits` on a batch of inputs of one padded size;
+- :func:`finish_item`: logits -> mask and confidence at the image's size, overlay and palette mask written
+  atomically, and the image's manifest record.
+
+:func:`run_local` runs them as a bounded pipeline: a pool of threads decodes ahead of inference and
+encodes/writes behind it (OpenCV, NumPy and ONNX Runtime release the GIL), so however many images there
+are, at most a few batches are in memory. :func:`plan` decides what to do (resume, stem collisions), and
+:func:`write_coco` turns the finished masks into one COCO JSON file with RLE masks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import cv2
+import numpy as np
+
+from labelsmart import imageio
+from labelsmart.config import PreprocessConfig
+
+MANIFEST_NAME = "manifest.jsonl"
+ERRORS_NAME = "errors.jsonl"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What :func:`finish_item` needs to know of the model (picklable, for other processes)."""
+
+    version: int
+    class_names: tuple[str, ...]
+    colors: tuple[tuple[int, int, int], ...]
+
+    @classmethod
+    def of(cls, model: Any) -> ModelInfo:
+        """From an :class:`~labelsmart.predictor.OnnxModel`."""
+        return cls(int(model.version), tuple(model.class_names), tuple(tuple(c) for c in model.colors))
+
+
+@dataclass
+class Item:
+    """One image on its way through the pipeline; ``error`` set means it is skipped with that message."""
+
+    rel: Path
+    image: np.ndarray | None = None  # RGB uint8 (H, W, 3)
+    x: np.ndarray | None = None  # network input (3, Hp, Wp) float32
+    meta: imageio.Meta | None = None
+    error: str | None = None
+
+
+def load_item(root: Path, rel: Path, pp: PreprocessConfig) -> Item:
+    """Read, decode and prepare one image; a file that cannot be read becomes an :class:`Item` with an error."""
+    try:
+        image = imageio.read_image(root / rel)
+    except imageio.ImageError as exc:
+        return Item(rel, error=" ".join(str(exc).split()))
+    x, meta = imageio.prepare(image, pp)
+    return Item(rel, image=image, x=x, meta=meta)
+
+
+def uncertainty_score(confidence: np.ndarray) -> float:
+    """How unsure the model is of an image, in [0, 1]: the fraction of pixels whose winning class has a
+    probability below 0.5 (where no class holds the majority)."""
+    return float(np.count_nonzero(confidence < 0.5)) / float(max(confidence.size, 1))
+
+
+def encode_jpeg(rgb: np.ndarray, quality: int = 90) -> bytes:
+    """RGB uint8 -> JPEG bytes."""
+    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:
+        raise ValueError("JPEG encoding failed")
+    return buf.tobytes()
+
+
+def output_paths(rel: Path) -> tuple[Path, Path]:
+    """``(mask, overlay)`` paths of an image, relative to the output folder."""
+    return rel.with_suffix(".png"), rel.with_name(f"{rel.stem}_overlay.jpg")
+
+
+def write_outputs(
+    out: Path, rel: Path, image: np.ndarray, mask: np.ndarray, confidence: np.ndarray, info: ModelInfo, overlays: bool
+) -> dict[str, Any]:
+    """Write the overlay (optional) and the palette mask of one image atomically, mask last (a mask on disk
+    means its overlay landed too); returns the image's manifest record."""
+    mask_rel, overlay_rel = output_paths(rel)
+    if overlays:
+        imageio.atomic_write_bytes(out / overlay_rel, encode_jpeg(imageio.overlay(image, mask, info.colors, 0.5)))
+    imageio.atomic_write_bytes(out / mask_rel, imageio.palette_png_bytes(mask, info.colors))
+    names = info.class_names
+    counts = np.bincount(mask.ravel(), minlength=len(names))[: len(names)]
+    n = float(mask.size)
+    record: dict[str, Any] = {
+        "image": rel.as_posix(),
+        "mask": mask_rel.as_posix(),
+    }
+    if overlays:
+        record["overlay"] = overlay_rel.as_posix()
+    record.update(
+        {
+            "classes_present": [names[i] for i in range(len(names)) if counts[i]],
+            "class_fractions": {names[i]: round(float(counts[i]) / n, 6) for i in range(len(names))},
+            "mean_confidence": round(float(confidence.mean()), 6),
+            "uncertainty": round(uncertainty_score(confidence), 6),
+            "model_version": info.version,
+            "height": int(mask.shape[0]),
+            "width": int(mask.shape[1]),
+        }
+    )
+    return record
+
+
+def finish_item(out: Path, item: Item, logits: np.ndarray, info: ModelInfo, overlays: bool) -> dict[str, Any]:
+    """Logits ``(K, Hp, Wp)`` of one prepared image -> its files and manifest record."""
+    assert item.image is not None and item.meta is not None
+    mask, conf = imageio.logits_to_mask(logits, item.meta)
+    return write_outputs(out, item.rel, item.image, mask, conf, info, overlays)
+
+
+# ------------------------------------------------------------------------------------------------ planning
+
+
+def walk_inputs(images: Path, out: Path) -> Iterator[Path]:
+    """Relative image paths under ``images``, leaving out anything under ``out`` (it may sit inside)."""
+    out_abs = out.resolve()
+    root_abs = images.resolve()
+    inside = out_abs == root_abs or root_abs in out_abs.parents
+    for rel in imageio.list_images(images):
+        if inside:
+            full = (root_abs / rel).resolve()
+            if out_abs in full.parents:
+                continue
+        yield rel
+
+
+def manifest_images(path: Path) -> set[str]:
+    """Images that have a line in a manifest (read line by line)."""
+    done: set[str] = set()
+    if not path.is_file():
+        return done
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            try:
+                done.add(json.loads(line)["image"])
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue
+    return done
+
+
+@dataclass(frozen=True)
+class Planned:
+    """One decision of :func:`plan`: do the image, skip it (done before), or fail it with a message."""
+
+    rel: Path
+    action: str  # "do", "skip" or "fail"
+    message: str = ""
+
+
+def plan(images: Path, out: Path, overwrite: bool, done_before: set[str]) -> Iterator[Planned]:
+    """What to do with each image under ``images``, streamed in listing order.
+
+    An image is skipped when its mask exists and the manifest has its line (unless ``overwrite``); two
+    images of one folder with the same stem (``a.jpg``, ``a.png``) would write the same mask, so the second
+    fails with a message.
+    """
+    seen_dir: Path | None = None
+    seen_stems: set[str] = set()
+    for rel in walk_inputs(images, out):
+        if rel.parent != seen_dir:
+            seen_dir, seen_stems = rel.parent, set()
+        if rel.stem in seen_stems:
+            yield Planned(
+                rel,
+                "fail",
+                f"another image in {rel.parent.as_posix() or '.'} has the stem {rel.stem!r}, so their masks "
+                "would collide; rename one of them.",
+            )
+            continue
+        seen_stems.add(rel.stem)
+        mask_rel, _ = output_paths(rel)
+        if not overwrite and rel.as_posix() in done_before and (out / mask_rel).is_file():
+            yield Planned(rel, "skip")
+        else:
+            yield Planned(rel, "do")
+
+
+# ------------------------------------------------------------------------------------------ local pipeline
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The result of one image: a manifest record, or an error message."""
+
+    rel: Path
+    record: dict[str, Any] | None = None
+    error: str | None = None
+
+
+INFERENCE_FAILED = "inference failed ({}); check that the file is a normal photo."
+WRITE_FAILED = "cannot write its outputs ({}); check the free space and permissions of {}."
+
+
+def run_local(
+    model: Any,
+    images: Path,
+    out: Path,
+    todo: Iterable[Path],
+    on_outcome: Callable[[Outcome], None],
+    batch: int = 4,
+    io_threads: int = 2,
+    overlays: bool = True,
+) -> None:
+    """Pre-annotate ``todo`` (paths relative to ``images``) with ``model``, overlapping decode, inference and
+    writes; calls ``on_outcome`` in this thread once per image as it finishes (not necessarily in order).
+
+    Decoding runs up to ``3 * batch`` images ahead of inference, inputs wait for a full batch of their padded
+    size, and at most ``3 * batch`` images are being written, so memory stays flat. A batch that fails is
+    retried image by image, so one bad image fails alone.
+    """
+    info = ModelInfo.of(model)
+    pp = model.pp
+    lookahead = max(3 * batch, 2 * io_threads)
+    max_writes = max(3 * batch, 2 * io_threads)
+    reads: deque[Future[Item]] = deque()
+    writes: deque[tuple[Path, Future[dict[str, Any]]]] = deque()
+    groups: dict[tuple[int, int], list[Item]] = {}
+    paths = iter(todo)
+    cv2.setNumThreads(1)  # the pipeline's threads are the parallelism; OpenCV's own pool would oversubscribe
+
+    def finish_write(rel: Path, fut: Future[dict[str, Any]]) -> None:
+        try:
+            record = fut.result()
+        except OSError as exc:
+            on_outcome(Outcome(rel, error=WRITE_FAILED.format(exc, out)))
+        except Exception as exc:  # noqa: BLE001 - one image's bad output must not stop the run
+            on_outcome(Outcome(rel, error=INFERENCE_FAILED.format(" ".join(str(exc).split()))))
+        else:
+            on_outcome(Outcome(rel, record=record))
+
+    def drain(limit: int) -> None:
+        while len(writes) > limit or (writes and writes[0][1].done()):
+            finish_write(*writes.popleft())
+
+    def infer(items: list[Item]) -> None:
+        try:
+            logits = model.logits(np.stack([it.x for it in items]))
+            results: list[np.ndarray | Exception] = list(logits)
+        except Exception:  # noqa: BLE001 - find the image that breaks the batch, keep the others
+            results = []
+            for it in items:
+                try:
+                    results.append(model.logits(it.x[None])[0])
+                except Exception as exc:  # noqa: BLE001
+                    results.append(exc)
+        for it, res in zip(items, results, strict=True):
+            if isinstance(res, Exception):
+                on_outcome(Outcome(it.rel, error=INFERENCE_FAILED.format(" ".join(str(res).split()))))
+                continue
+            writes.append((it.rel, pool.submit(finish_item, out, it, res, info, overlays)))
+        drain(max_writes)
+
+    with ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="preannotate-io") as pool:
+
+        def fill() -> None:
+            while len(reads) < lookahead:
+                rel = next(paths, None)
+                if rel is None:
+                    return
+                reads.append(pool.submit(load_item, images, rel, pp))
+
+        fill()
+        while reads:
+            item = reads.popleft().result()
+            fill()
+            if item.error is not None:
+                on_outcome(Outcome(item.rel, error=item.error))
+                continue
+            assert item.meta is not None
+            group = groups.setdefault(item.meta.pad_hw, [])
+            group.append(item)
+            if len(group) >= batch:
+                infer(groups.pop(item.meta.pad_hw))
+            drain(max_writes)
+        for shape in list(groups):
+            infer(groups.pop(shape))
+        drain(0)
+
+
+# ------------------------------------------------------------------------------------------------- journal
+
+
+class Journal:
+    """The manifest and the error list of a run, appended by one thread.
+
+    A manifest line is written only after the image's files landed; lines are flushed at once and made
+    durable (fsync) every ``sync_every`` lines and on close. After a crash, images whose line did not reach
+    the disk are simply done again by the next run.
+    """
+
+    def __init__(self, out: Path, overwrite: bool, sync_every: int = 64) -> None:
+        self.manifest_path = out / MANIFEST_NAME
+        self.errors_path = out / ERRORS_NAME
+        if overwrite:
+            # Start the manifest afresh: every image gets a new line. If this run is cut short, images done
+            # before it keep their masks but lose their line, and the next (resuming) run redoes them.
+            imageio.atomic_write_bytes(self.manifest_path, b"")
+        repair_jsonl(self.manifest_path)
+        repair_jsonl(self.errors_path)
+        self.done_before: set[str] = set() if overwrite else manifest_images(self.manifest_path)
+        self._manifest: TextIO = open(self.manifest_path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        self._errors: TextIO | None = None
+        self._unsynced = 0
+        self.sync_every = sync_every
+        self._lock = threading.Lock()
+
+    def record(self, record: dict[str, Any]) -> None:
+        """Append one image's manifest line."""
+        with self._lock:
+            self._manifest.write(json.dumps(record) + "\n")
+            self._manifest.flush()
+            self._unsynced += 1
+            if self._unsynced >= self.sync_every:
+                os.fsync(self._manifest.fileno())
+                self._unsynced = 0
+
+    def error(self, rel: Path, message: str) -> None:
+        """Append one failed image to ``errors.jsonl`` (durable at once: errors are rare)."""
+        with self._lock:
+            if self._errors is None:
+                self._errors = open(self.errors_path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+            self._errors.write(json.dumps({"image": rel.as_posix(), "error": message, "time": time.time()}) + "\n")
+            self._errors.flush()
+            os.fsync(self._errors.fileno())
+
+    def close(self) -> None:
+        """Make everything durable and close the files."""
+        with self._lock:
+            for fh in (self._manifest, self._errors):
+                if fh is not None and not fh.closed:
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                    fh.close()
+
+
+def repair_jsonl(path: Path) -> None:
+    """Cut a partial last line (left by a crash in the middle of an append)."""
+    if not path.is_file():
+        return
+    with open(path, "rb+") as fh:
+        size = fh.seek(0, os.SEEK_END)
+        if size == 0:
+            return
+        fh.seek(size - 1)
+        if fh.read(1) == b"\n":
+            return
+        tail = max(0, size - (1 << 16))
+        fh.seek(tail)
+        chunk = fh.read()
+        cut = chunk.rfind(b"\n")
+        fh.truncate(tail + cut + 1 if cut >= 0 else 0)
+
+
+# ---------------------------------------------------------------------------------------------------- COCO
+
+
+def read_manifest(path: Path) -> Iterator[dict[str, Any]]:
+    """The records of a manifest, one per image (the last line of an image wins), in first-seen order.
+
+    Only the byte offset of each image's line is held in memory; the records are read again one at a time.
+    """
+    offsets: dict[str, int] = {}
+    with open(path, "rb") as fh:
+        pos = 0
+        for line in fh:
+            try:
+                offsets[json.loads(line)["image"]] = pos
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+                pass
+            pos += len(line)
+        for off in offsets.values():
+            fh.seek(off)
+            yield json.loads(fh.readline())
+
+
+def write_coco(out: Path, coco_path: Path, class_names: Sequence[str]) -> tuple[int, int]:
+    """One COCO JSON file (``images``, ``annotations`` with RLE masks, ``categories``) for every image in the
+    manifest of ``out``, streamed to disk (one mask in memory at a time) and written atomically.
+
+    Each class present in an image is one annotation (``iscrowd`` 1, RLE ``segmentation`` from pycocotools,
+    ``area`` and ``bbox``); category ids are class id + 1 (COCO reserves 0).
+
+    Returns:
+        ``(images, annotations)`` written.
+    """
+    from pycocotools import mask as mask_utils
+
+    coco_path = Path(coco_path)
+    coco_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = coco_path.with_name(f".{coco_path.name}.{os.getpid()}.tmp")
+    n_images = n_anns = 0
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            categories = [{"id": i + 1, "name": n, "supercategory": "labelsmart"} for i, n in enumerate(class_names)]
+            fh.write('{"info": ' + json.dumps({"description": "labelsmart pre-annotations", "version": "1.0"}))
+            fh.write(', "categories": ' + json.dumps(categories) + ', "images": [')
+            manifest = out / MANIFEST_NAME
+            if not manifest.is_file():
+                raise FileNotFoundError(manifest)
+            for i, rec in enumerate(read_manifest(manifest)):
+                n_images += 1
+                entry = {
+                    "id": i + 1,
+                    "file_name": rec["image"],
+                    "height": rec["height"],
+                    "width": rec["width"],
+                    "model_version": rec.get("model_version"),
+                }
+                fh.write(("" if i == 0 else ", ") + json.dumps(entry))
+            fh.write('], "annotations": [')
+            for i, rec in enumerate(read_manifest(manifest)):
+                mask = imageio.read_mask(out / rec["mask"], shape=(rec["height"], rec["width"]))
+                for k in np.unique(mask):
+                    if int(k) >= len(class_names):
+                        continue
+                    rle = mask_utils.encode(np.asfortranarray(mask == k, dtype=np.uint8))
+                    ann = {
+                        "id": n_anns + 1,
+                        "image_id": i + 1,
+                        "category_id": int(k) + 1,
+                        "segmentation": {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode()},
+                        "area": int(mask_utils.area(rle)),
+                        "bbox": [round(float(v), 2) for v in mask_utils.toBbox(rle)],
+                        "iscrowd": 1,
+                    }
+                    fh.write(("" if n_anns == 0 else ", ") + json.dumps(ann))
+                    n_anns += 1
+            fh.write("]}\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, coco_path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return n_images, n_anns
