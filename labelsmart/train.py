@@ -9,6 +9,7 @@ records it; a cancel request raises :class:`RoundCancelled`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -25,7 +26,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Sampler
 
 from labelsmart import imageio, metrics
-from labelsmart.config import Config, TrainConfig
+from labelsmart.config import Config, PreprocessConfig, TrainConfig
 from labelsmart.data import LabelledSet, load_snapshot
 from labelsmart.losses import masked_cross_entropy, sample_pixels, supervised_pixel_contrastive_loss
 from labelsmart.model import CheckpointError, SegModel, build_model, model_config_of, read_checkpoint, save_checkpoint
@@ -419,25 +420,37 @@ def _finetune_step(
     return masked_cross_entropy(logits.float(), target)
 
 
+def ce_only(tc: TrainConfig) -> TrainConfig:
+    """The same round with every contrastive part switched off: the cross-entropy baseline of the benchmarks."""
+    return dataclasses.replace(tc, pretrain_fraction=0.0)
+
+
+@torch.inference_mode()
+def predict_mask(model: SegModel, image: np.ndarray, pp: PreprocessConfig, device: torch.device) -> np.ndarray:
+    """Class ids ``(H, W)`` of an RGB uint8 image, made exactly as the predictor makes them (prepare -> model ->
+    logits_to_mask); the model must be in eval mode."""
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    x, meta = imageio.prepare(image, pp)  # (3, Hp, Wp)
+    with autocast:
+        logits = model(torch.from_numpy(x)[None].to(device))  # (1, K, Hp, Wp)
+    mask, _ = imageio.logits_to_mask(logits[0].float().cpu().numpy(), meta)  # (H, W)
+    return mask
+
+
 @torch.inference_mode()
 def validate(
     model: SegModel, pairs: list[tuple[np.ndarray, np.ndarray]], cfg: Config, num_classes: int, device: torch.device
 ) -> dict[str, Any]:
-    """mIoU of full-size predictions made exactly as the predictor makes them (prepare -> model -> logits_to_mask).
+    """mIoU of full-size predictions made exactly as the predictor makes them (:func:`predict_mask`).
 
     Returns:
         ``{"val_miou", "val_per_class_iou", "val_pixel_acc"}``.
     """
     was_training = model.training
     model.eval()
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     conf = np.zeros((num_classes, num_classes), dtype=np.int64)
     for image, label in pairs:
-        x, meta = imageio.prepare(image, cfg.preprocess)  # (3, Hp, Wp)
-        with autocast:
-            logits = model(torch.from_numpy(x)[None].to(device))  # (1, K, Hp, Wp)
-        mask, _ = imageio.logits_to_mask(logits[0].float().cpu().numpy(), meta)  # (H, W)
-        conf += metrics.confusion_matrix(label, mask, num_classes)
+        conf += metrics.confusion_matrix(label, predict_mask(model, image, cfg.preprocess, device), num_classes)
     model.train(was_training)
     s = metrics.scores(conf)
     return {"val_miou": s["miou"], "val_per_class_iou": s["per_class_iou"], "val_pixel_acc": s["pixel_acc"]}

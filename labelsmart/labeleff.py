@@ -1,0 +1,706 @@
+"""Label-efficiency benchmark (``../shared/BENCHMARK.md`` section 1, issue 3).
+
+For each labelled-subset size N and label form (dense masks or simulated scribbles) every row trains on the
+same N pool images and is scored on one or more evaluation splits:
+
+- ``labelsmart``: one round of :func:`labelsmart.train.run_round`, the code the background trainer runs,
+  with the shipped ``TrainConfig`` (the project store is built in a temporary folder: the whole pool split
+  is registered as images, only the N chosen ones are labelled);
+- ``ce-only``: the same round with every contrastive part switched off (:func:`labelsmart.train.ce_only`),
+  same steps or minutes;
+- ``rf``: the ilastik-style peer of :mod:`labelsmart.peer`.
+
+A *cell* is one (row, N, label form) under one budget. Each cell runs in its own spawned process (so its
+peak resident memory is its own, and a crash or out-of-memory kill ends that cell only), appends one line
+per evaluation split to ``results.jsonl`` and rewrites ``table.md`` and ``label_efficiency.png``. Finished
+cells are found in ``results.jsonl`` and skipped, so an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import io
+import json
+import logging
+import math
+import multiprocessing as mp
+import os
+import resource
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from labelsmart import imageio, metrics
+from labelsmart.bench import cpu_description, git_commit
+from labelsmart.config import IGNORE_INDEX, IMAGE_EXTENSIONS
+
+log = logging.getLogger(__name__)
+
+ROWS = ("labelsmart", "ce-only", "rf")
+NET_ROWS = ("labelsmart", "ce-only")
+LABEL_FORMS = ("dense", "scribble")
+RESULTS_NAME = "results.jsonl"
+ERRORS_NAME = "errors.jsonl"
+TABLE_NAME = "table.md"
+PLOT_NAME = "label_efficiency.png"
+SUBSET_SEED = 0  # BENCHMARK.md: numpy.random.default_rng(0) permutes the sorted pool names
+MINUTES_STEPS = 1_000_000  # step cap when only --minutes bounds a round (the deadline ends it first)
+
+
+class BenchError(ValueError):
+    """Bad benchmark input; the message is one sentence naming the file or flag and what to do."""
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+@dataclass(frozen=True)
+class DataFolder:
+    """A folder in the layout of ``../shared/data/*``: images/, masks/, classes.json, splits.json."""
+
+    root: Path
+    classes: tuple[str, ...]
+    colors: tuple[tuple[int, int, int], ...]
+    splits: dict[str, list[str]]
+
+    def names(self, split: str) -> list[str]:
+        """Names (no extension) of a split."""
+        if split not in self.splits:
+            raise BenchError(
+                f"{self.root / 'splits.json'}: no split {split!r}; pick one of: {', '.join(sorted(self.splits))}."
+            )
+        names = self.splits[split]
+        if not names:
+            raise BenchError(f"{self.root / 'splits.json'}: split {split!r} is empty; pick another.")
+        return names
+
+    def image_rel(self, name: str) -> Path:
+        """Path of an image relative to ``images/``."""
+        images = self.root / "images"
+        for ext in (".jpg", ".png", *IMAGE_EXTENSIONS):
+            for cand in (f"{name}{ext}", f"{name}{ext.upper()}"):
+                if (images / cand).is_file():
+                    return Path(cand)
+        raise BenchError(f"{images / name}: no image file with this name (.jpg/.png); check splits.json.")
+
+    def read(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """``(image RGB uint8 (H, W, 3), mask uint8 (H, W))`` of one name; 255 = void."""
+        image = imageio.read_image(self.root / "images" / self.image_rel(name))
+        mask = imageio.read_mask(
+            self.root / "masks" / f"{name}.png", shape=image.shape[:2], num_classes=len(self.classes)
+        )
+        return image, mask
+
+
+def open_folder(root: Path, flag: str) -> DataFolder:
+    """Check and read a data folder given with ``flag`` (``--pool`` or ``--eval``).
+
+    Raises:
+        BenchError: a missing part or an unreadable ``splits.json`` / ``classes.json``.
+    """
+    from labelsmart.store import StoreError, load_classes_file
+
+    root = Path(root)
+    if not root.is_dir():
+        raise BenchError(f"{root}: not a folder; pass {flag} a folder with images/, masks/, splits.json, classes.json.")
+    for need in ("images", "masks", "splits.json", "classes.json"):
+        if not (root / need).exists():
+            raise BenchError(f"{root / need}: missing; {flag} needs images/, masks/, splits.json and classes.json.")
+    try:
+        splits = json.loads((root / "splits.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise BenchError(f"{root / 'splits.json'}: not readable JSON ({exc}); fix it.") from exc
+    if not isinstance(splits, dict) or not all(isinstance(v, list) for v in splits.values()):
+        raise BenchError(f"{root / 'splits.json'}: expected {{split name: [image names]}}; fix it.")
+    try:
+        classes = load_classes_file(root / "classes.json")
+    except StoreError as exc:
+        raise BenchError(str(exc)) from exc
+    colors = tuple(c if c is not None else (0, 0, 0) for _, c in classes)
+    return DataFolder(root, tuple(n for n, _ in classes), colors, {k: [str(n) for n in v] for k, v in splits.items()})
+
+
+def select_subset(names: Sequence[str], n: int) -> list[str]:
+    """BENCHMARK.md: sort the pool names, permute with ``numpy.random.default_rng(0)``, take the first ``n``."""
+    ordered = sorted(names)
+    if n > len(ordered):
+        raise BenchError(f"--n-labeled {n}: the pool split has only {len(ordered)} images; pick a smaller N.")
+    perm = np.random.default_rng(SUBSET_SEED).permutation(len(ordered))
+    return [ordered[i] for i in perm[:n]]
+
+
+def make_labels(mask: np.ndarray, form: str) -> np.ndarray:
+    """The training labels of one ground-truth mask: ``dense`` = the mask, ``scribble`` = simulated strokes."""
+    if form == "dense":
+        return mask.copy()
+    if form == "scribble":
+        from labelsmart.scribble import simulate_scribbles
+
+        return simulate_scribbles(mask)
+    raise BenchError(f"--labels {form}: unknown label form; use dense and/or scribble.")
+
+
+def evaluate(
+    predict: Callable[[np.ndarray], np.ndarray], folder: DataFolder, names: Iterable[str], progress: Any = None
+) -> dict[str, Any]:
+    """One confusion matrix over all evaluation images at full mask resolution, 255 ignored.
+
+    Args:
+        predict: RGB uint8 ``(H, W, 3)`` -> class ids ``(H, W)``.
+        folder: where the images and masks are.
+        names: the evaluation images (read one at a time).
+        progress: optional tqdm-like object, ``update(1)`` per image.
+
+    Returns:
+        :func:`labelsmart.metrics.scores` of the matrix plus ``"confusion"`` (nested lists) and ``"images"``.
+    """
+    k = len(folder.classes)
+    conf = np.zeros((k, k), dtype=np.int64)
+    n = 0
+    for name in names:
+        image, gt = folder.read(name)
+        conf += metrics.confusion_matrix(gt, predict(image), k, ignore_index=IGNORE_INDEX)
+        n += 1
+        if progress is not None:
+            progress.update(1)
+    out = metrics.scores(conf)
+    out.update(confusion=conf.tolist(), images=n)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- spec
+
+
+@dataclass(frozen=True)
+class BenchSpec:
+    """Everything one benchmark run is asked to do."""
+
+    pool: Path
+    eval: Path
+    out: Path
+    pool_split: str = "train"
+    eval_splits: tuple[str, ...] = ("val",)
+    n_labeled: tuple[int, ...] = (5, 20, 50)
+    labels: tuple[str, ...] = LABEL_FORMS
+    rows: tuple[str, ...] = ROWS
+    steps: int | None = None  # training steps per net cell (the shipped round's steps when neither is given)
+    minutes: float | None = None  # wall-clock budget of a net cell's training
+    device: str = "auto"
+    threads: int = 0  # torch / random-forest threads (0 = all cores)
+    seed: int = 0  # training seed (the subset is always drawn with seed 0)
+    overrides: dict[str, Any] = field(default_factory=dict)  # "train.x" -> value, for the net rows (ablations)
+    variant: str = ""  # name of the overrides in results and tables
+    isolate: bool = True  # each cell in its own spawned process
+
+    def budget(self) -> str:
+        """The budget as a short label, such as ``300 steps`` or ``5 min``."""
+        parts = []
+        if self.steps is not None:
+            parts.append(f"{self.steps} steps")
+        if self.minutes is not None:
+            parts.append(f"{self.minutes:g} min")
+        return " / ".join(parts) or "default steps"
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict (paths as strings) that :meth:`from_json` reads back."""
+        d = dataclasses.asdict(self)
+        for k in ("pool", "eval", "out"):
+            d[k] = str(d[k])
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> BenchSpec:
+        """Inverse of :meth:`to_json`."""
+        d = dict(d)
+        for k in ("pool", "eval", "out"):
+            d[k] = Path(d[k])
+        for k in ("eval_splits", "n_labeled", "labels", "rows"):
+            d[k] = tuple(d[k])
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One (row, N, label form) of a run."""
+
+    row: str
+    n_labeled: int
+    labels: str
+
+    def key(self, spec: BenchSpec) -> str:
+        """Identity of the cell across runs: a finished cell with this key is not trained again."""
+        parts = [self.row, self.labels, f"n{self.n_labeled}", spec.pool_split, f"seed{spec.seed}"]
+        if self.row in NET_ROWS:
+            parts.insert(4, spec.budget().replace(" ", ""))
+            if spec.variant:
+                parts.append(spec.variant)
+        return "|".join(parts)
+
+
+def cells_of(spec: BenchSpec) -> list[Cell]:
+    """Cells in run order: small N first (a first table comes soon), then label form, then row."""
+    return [Cell(r, n, lf) for n in spec.n_labeled for lf in spec.labels for r in spec.rows]
+
+
+# ------------------------------------------------------------------------------------------- one cell
+
+
+def _net_config(spec: BenchSpec, row: str) -> Any:
+    """The configuration a net row trains with: the shipped defaults, the bench's device/threads/seed/budget."""
+    from labelsmart import config, train
+
+    args: dict[str, Any] = {
+        "train.device": spec.device,
+        "train.threads": spec.threads,
+        "train.seed": spec.seed,
+        "train.val_every": 0,  # all N images train; the benchmark scores on its own evaluation split
+        "train.max_round_seconds": 60.0 * spec.minutes if spec.minutes is not None else 0.0,
+    }
+    args.update(spec.overrides)
+    cfg = config.load(args)
+    if row == "ce-only":
+        cfg = dataclasses.replace(cfg, train=train.ce_only(cfg.train))
+    return cfg
+
+
+def _run_net(
+    spec: BenchSpec, cell: Cell, pool: DataFolder, names: list[str], masks: list[np.ndarray], workdir: Path
+) -> tuple[Callable[[np.ndarray], np.ndarray], dict[str, Any]]:
+    """Train one net cell through ``run_round`` on a temporary project; returns ``(predict, facts)``."""
+    import torch
+    from tqdm import tqdm
+
+    from labelsmart import train
+    from labelsmart.model import load_checkpoint
+    from labelsmart.store import Store, load_classes_file
+
+    cfg = _net_config(spec, cell.row)
+    store = Store(workdir / "project.sqlite", image_root=pool.root / "images")
+    store.ensure_classes(load_classes_file(pool.root / "classes.json"), source=str(pool.root / "classes.json"))
+    # The whole pool split is at hand, as in a labelling session; only the N chosen images are labelled.
+    pool_names = pool.names(spec.pool_split)
+    store.sync_images(paths=[pool.image_rel(n) for n in pool_names])
+    for name, mask in zip(names, masks, strict=True):
+        image_id = store.image_id_by_path(pool.image_rel(name).as_posix())
+        if image_id is None:
+            raise BenchError(f"{pool.root / 'images' / pool.image_rel(name)}: unreadable image; replace or drop it.")
+        store.save_label(image_id, mask, author="bench", source="bench")
+    snapshot = store.snapshot()
+    steps = spec.steps if spec.steps is not None else (MINUTES_STEPS if spec.minutes is not None else cfg.train.steps)
+    bar = tqdm(desc=f"  {cell.key(spec)}", unit="step", file=sys.stderr, dynamic_ncols=True, leave=False, mininterval=1)
+
+    def progress(info: dict[str, Any]) -> None:
+        bar.total = int(info["total"])
+        bar.n = int(info["step"])
+        bar.set_postfix(stage=info["stage"], loss=f"{info['loss']:.3f}", eta=f"{info['eta_s']:.0f}s", refresh=False)
+        bar.refresh()
+
+    try:
+        result = train.run_round(cfg, store, snapshot, 1, workdir / "v0001", steps=steps, progress=progress)
+    finally:
+        bar.close()
+        store.close()
+    device = train.resolve_device(cfg.train.device)
+    model, _ = load_checkpoint(result.checkpoint, map_location=device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+
+    def predict(image: np.ndarray) -> np.ndarray:
+        return train.predict_mask(model, image, cfg.preprocess, device)
+
+    facts = {
+        "train_seconds": round(result.seconds, 2),
+        "steps": result.steps,
+        "pretrain_steps": result.metrics.get("pretrain_steps"),
+        "finetune_steps": result.metrics.get("finetune_steps"),
+        "train_loss": result.metrics.get("train_loss"),
+        "contrastive_loss": result.metrics.get("contrastive_loss"),
+        "device": result.device,
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "threads": torch.get_num_threads(),
+        "train_config": dataclasses.asdict(cfg.train),
+        "model_config": dataclasses.asdict(cfg.model),
+        "max_side": cfg.preprocess.max_side,
+    }
+    return predict, facts
+
+
+def _run_rf(
+    spec: BenchSpec, pool: DataFolder, names: list[str], masks: list[np.ndarray]
+) -> tuple[Callable[[np.ndarray], np.ndarray], dict[str, Any]]:
+    """Fit the random-forest peer; returns ``(predict, facts)``."""
+    from labelsmart.peer import N_ESTIMATORS, RandomForestPeer
+
+    t0 = time.monotonic()
+    peer = RandomForestPeer(seed=0, n_jobs=spec.threads or os.cpu_count() or 1)
+    peer.fit(len(names), lambda i: (pool.read(names[i])[0], masks[i]), masks)
+    facts = {
+        "train_seconds": round(time.monotonic() - t0, 2),
+        "steps": None,
+        "device": "cpu",
+        "gpu": None,
+        "threads": peer.n_jobs,
+        "rf_trees": N_ESTIMATORS,
+        "rf_pixels": peer.fitted_pixels,
+    }
+    return peer.predict, facts
+
+
+def run_cell(spec: BenchSpec, cell: Cell, eval_splits: Sequence[str]) -> list[dict[str, Any]]:
+    """Train one cell and score it on each evaluation split; one record per split (not yet written).
+
+    Raises:
+        BenchError: bad input; anything else the training raises.
+    """
+    from tqdm import tqdm
+
+    pool = open_folder(spec.pool, "--pool")
+    evald = open_folder(spec.eval, "--eval")
+    names = select_subset(pool.names(spec.pool_split), cell.n_labeled)
+    masks = [make_labels(pool.read(n)[1], cell.labels) for n in names]
+    labelled = int(sum(int((m != IGNORE_INDEX).sum()) for m in masks))
+    with tempfile.TemporaryDirectory(prefix="labeleff-") as tmp:
+        if cell.row == "rf":
+            predict, facts = _run_rf(spec, pool, names, masks)
+        elif cell.row in NET_ROWS:
+            predict, facts = _run_net(spec, cell, pool, names, masks, Path(tmp))
+        else:
+            raise BenchError(f"--rows {cell.row}: unknown row; use {', '.join(ROWS)}.")
+        records = []
+        for split in eval_splits:
+            eval_names = evald.names(split)
+            t0 = time.monotonic()
+            with tqdm(total=len(eval_names), desc=f"  eval {split}", unit="img", file=sys.stderr, leave=False) as bar:
+                res = evaluate(predict, evald, eval_names, bar)
+            records.append(
+                {
+                    "row": cell.row,
+                    "variant": spec.variant if cell.row in NET_ROWS else "",
+                    "n_labeled": cell.n_labeled,
+                    "labels": cell.labels,
+                    "eval_split": split,
+                    "miou": res["miou"],
+                    "per_class_iou": {evald.classes[k]: v for k, v in res["per_class_iou"].items()},
+                    "pixel_acc": res["pixel_acc"],
+                    "labelled_pixels": labelled,
+                    "labelled_fraction": labelled / float(sum(m.size for m in masks)),
+                    "eval_images": res["images"],
+                    "eval_seconds": round(time.monotonic() - t0, 2),
+                    **facts,
+                    "budget": spec.budget() if cell.row in NET_ROWS else "rf",
+                    "budget_steps": spec.steps,
+                    "budget_minutes": spec.minutes,
+                    "seed": spec.seed,
+                    "pool": str(spec.pool),
+                    "pool_split": spec.pool_split,
+                    "eval": str(spec.eval),
+                    "images": names,
+                    "cell": cell.key(spec),
+                    "commit": git_commit(),
+                    "cpu": cpu_description(),
+                    "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+                }
+            )
+    peak = _peak_rss_mb()
+    for r in records:
+        r.update(peak)
+    return records
+
+
+def _peak_rss_mb() -> dict[str, float]:
+    """Peak resident memory of this process (and of the largest finished child, e.g. a loader worker), MiB."""
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0
+    return {"peak_rss_mb": round(own, 1), "peak_rss_children_mb": round(kids, 1)}
+
+
+def _cell_child(spec_json: dict[str, Any], cell: tuple[str, int, str], splits: list[str], out: str, level: int) -> None:
+    """Entry point of a spawned cell process: write the records (or the error) to ``out`` as JSON."""
+    logging.basicConfig(
+        level=logging.WARNING, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    logging.getLogger("labelsmart").setLevel(level)
+    try:
+        records = run_cell(BenchSpec.from_json(spec_json), Cell(*cell), splits)
+        payload: dict[str, Any] = {"records": records}
+    except Exception as exc:  # reported by the parent, which goes on with the next cell
+        log.debug("cell failed", exc_info=True)
+        payload = {"error": f"{type(exc).__name__}: {' '.join(str(exc).split())}", "user": isinstance(exc, ValueError)}
+    imageio.atomic_write_bytes(Path(out), json.dumps(payload).encode())
+
+
+def _run_isolated(spec: BenchSpec, cell: Cell, splits: list[str]) -> list[dict[str, Any]]:
+    """Run a cell in a spawned process (own memory peak; a crash ends the cell, not the run)."""
+    ctx = mp.get_context("spawn")  # never fork a process that may hold CUDA or thread pools
+    with tempfile.TemporaryDirectory(prefix="labeleff-cell-") as tmp:
+        out = Path(tmp) / "result.json"
+        level = logging.getLogger("labelsmart").getEffectiveLevel()
+        proc = ctx.Process(
+            target=_cell_child, args=(spec.to_json(), (cell.row, cell.n_labeled, cell.labels), splits, str(out), level)
+        )
+        proc.start()
+        try:
+            proc.join()
+        except BaseException:
+            proc.terminate()
+            proc.join(10)
+            raise
+        if not out.is_file():
+            raise RuntimeError(
+                f"cell {cell.key(spec)} ended with exit code {proc.exitcode} and no result "
+                "(killed, perhaps out of memory); see the log above."
+            )
+        payload = json.loads(out.read_text())
+    if "error" in payload:
+        raise (BenchError if payload.get("user") else RuntimeError)(payload["error"])
+    return payload["records"]
+
+
+# --------------------------------------------------------------------------------------------- the run
+
+
+def read_results(path: Path) -> list[dict[str, Any]]:
+    """Records of a ``results.jsonl``; a partial last line (an interrupted append) is skipped."""
+    out: list[dict[str, Any]] = []
+    if not path.is_file():
+        return out
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(rec, dict):
+                out.append(rec)
+    return out
+
+
+def _append(path: Path, records: Iterable[dict[str, Any]]) -> None:
+    """Append JSON lines and make them durable before the next cell starts."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_file() and path.stat().st_size:
+        with open(path, "rb") as fh:
+            fh.seek(-1, os.SEEK_END)
+            partial = fh.read(1) != b"\n"
+        if partial:  # an interrupted append: start a fresh line
+            with open(path, "ab") as fh:
+                fh.write(b"\n")
+    with open(path, "a", encoding="utf-8") as fh:
+        for rec in records:
+            fh.write(json.dumps(rec) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def check_spec(spec: BenchSpec) -> None:
+    """Fail early, with one sentence, on anything that would only fail inside a cell.
+
+    Raises:
+        BenchError: unknown rows or label forms, bad N, bad budget, missing splits, classes that differ,
+            labelled images inside an evaluation split.
+    """
+    for r in spec.rows:
+        if r not in ROWS:
+            raise BenchError(f"--rows {r}: unknown row; use any of {', '.join(ROWS)}.")
+    for lf in spec.labels:
+        if lf not in LABEL_FORMS:
+            raise BenchError(f"--labels {lf}: unknown label form; use dense and/or scribble.")
+    if not spec.n_labeled or any(n < 1 for n in spec.n_labeled):
+        raise BenchError("--n-labeled: give image counts of 1 or more separated by commas, such as 5,20,50.")
+    if spec.steps is not None and spec.steps < 1:
+        raise BenchError(f"--steps {spec.steps}: give 1 or more.")
+    if spec.minutes is not None and not (spec.minutes > 0 and math.isfinite(spec.minutes)):
+        raise BenchError(f"--minutes {spec.minutes}: give a positive number of minutes.")
+    for key in spec.overrides:
+        if not key.startswith(("train.", "model.", "preprocess.")):
+            raise BenchError(f"--set {key}: only train.*, model.* and preprocess.* settings can be changed.")
+    pool = open_folder(spec.pool, "--pool")
+    evald = open_folder(spec.eval, "--eval")
+    pool_names = pool.names(spec.pool_split)
+    for n in spec.n_labeled:
+        select_subset(pool_names, n)
+    if list(pool.classes) != list(evald.classes):
+        raise BenchError(
+            f"{spec.eval / 'classes.json'}: its classes differ from {spec.pool / 'classes.json'}; evaluate on a "
+            "folder with the same classes."
+        )
+    same_folder = spec.pool.resolve() == spec.eval.resolve()
+    biggest = set(select_subset(pool_names, max(spec.n_labeled)))
+    for split in spec.eval_splits:
+        names = evald.names(split)
+        if same_folder and biggest & set(names):
+            clash = sorted(biggest & set(names))[0]
+            raise BenchError(
+                f"{spec.pool / 'splits.json'}: labelled image {clash} of split {spec.pool_split!r} is also in "
+                f"evaluation split {split!r}; pick disjoint splits (such as train_no_0006R0 and seq_0006R0)."
+            )
+
+
+def run_benchmark(spec: BenchSpec) -> list[dict[str, Any]]:
+    """Run (or resume) every cell of ``spec``; returns all records of this run's cells.
+
+    Raises:
+        BenchError: bad input (before any cell runs).
+        RuntimeError: some cells failed (the others are done and written; the errors are in ``errors.jsonl``).
+    """
+    from tqdm import tqdm
+
+    check_spec(spec)
+    spec.out.mkdir(parents=True, exist_ok=True)
+    results = spec.out / RESULTS_NAME
+    cells = cells_of(spec)
+    eval_key = str(spec.eval)
+    done = {(r.get("cell"), r.get("eval"), r.get("eval_split")) for r in read_results(results)}
+    failed: list[str] = []
+    bar = tqdm(total=len(cells), desc="label-efficiency", unit="cell", file=sys.stderr, dynamic_ncols=True)
+    try:
+        for cell in cells:
+            key = cell.key(spec)
+            todo = [s for s in spec.eval_splits if (key, eval_key, s) not in done]
+            bar.set_postfix_str(key)
+            if not todo:
+                log.info("cell %s: finished in an earlier run, skipped", key)
+                bar.update(1)
+                continue
+            try:
+                records = _run_isolated(spec, cell, todo) if spec.isolate else run_cell(spec, cell, todo)
+            except (BenchError, RuntimeError) as exc:
+                log.error("cell %s failed: %s", key, exc)
+                failed.append(key)
+                _append(
+                    spec.out / ERRORS_NAME,
+                    [{"cell": key, "error": str(exc), "date": dt.datetime.now(dt.UTC).isoformat()}],
+                )
+                bar.update(1)
+                continue
+            _append(results, records)
+            done.update((key, eval_key, s) for s in todo)
+            for r in records:
+                log.info(
+                    "%s on %s: mIoU %.1f, pixel acc %.1f, %s train s, peak RSS %.0f MB",
+                    key,
+                    r["eval_split"],
+                    100 * r["miou"],
+                    100 * r["pixel_acc"],
+                    r["train_seconds"],
+                    r["peak_rss_mb"],
+                )
+            write_reports(spec.out)
+            bar.update(1)
+    finally:
+        bar.close()
+    write_reports(spec.out)
+    if failed:
+        raise RuntimeError(f"{len(failed)} cell(s) failed ({', '.join(failed)}); see {spec.out / ERRORS_NAME}.")
+    keys = {c.key(spec) for c in cells}
+    return [r for r in read_results(results) if r.get("cell") in keys and r.get("eval") == eval_key]
+
+
+# ------------------------------------------------------------------------------------------------ reports
+
+
+def _row_name(r: dict[str, Any]) -> str:
+    return f"{r['row']} ({r['variant']})" if r.get("variant") else r["row"]
+
+
+def _groups(records: list[dict[str, Any]]) -> dict[tuple[str, str, str], list[dict[str, Any]]]:
+    """Records by (evaluation split, pool split, net budget); rf records join every budget of their split."""
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    budgets = sorted({r["budget"] for r in records if r["row"] != "rf"}) or ["rf"]
+    for r in records:
+        for b in [r["budget"]] if r["row"] != "rf" else budgets:
+            groups.setdefault((r["eval_split"], r["pool_split"], b), []).append(r)
+    return groups
+
+
+def format_table(records: list[dict[str, Any]]) -> str:
+    """Markdown: one table of mIoU per (evaluation split, budget), then one detail line per record."""
+    if not records:
+        return "No finished cells yet.\n"
+    lines: list[str] = []
+    for (split, pool_split, budget), recs in sorted(_groups(records).items()):
+        ns = sorted({r["n_labeled"] for r in recs})
+        lines += [
+            f"**{pool_split} → {split}**, budget {budget}: mIoU (%) by labelled images N",
+            "",
+            "| row | labels | " + " | ".join(f"N={n}" for n in ns) + " |",
+            "|---|---|" + "---:|" * len(ns),
+        ]
+        by: dict[tuple[str, str], dict[int, float]] = {}
+        for r in recs:
+            by.setdefault((_row_name(r), r["labels"]), {})[r["n_labeled"]] = 100 * r["miou"]
+        for (row, lf), vals in sorted(by.items(), key=lambda kv: (_row_order(kv[0][0]), kv[0][1])):
+            cells = [f"{vals[n]:.1f}" if n in vals else "" for n in ns]
+            lines.append(f"| {row} | {lf} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += [
+        "| row | labels | N | pool → eval | budget | mIoU | pixel acc | labelled px | steps | train s "
+        "| peak RSS MB | device |",
+        "|---|---|---:|---|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in sorted(
+        records, key=lambda r: (r["eval_split"], r["budget"], r["n_labeled"], r["labels"], _row_order(_row_name(r)))
+    ):
+        lines.append(
+            f"| {_row_name(r)} | {r['labels']} | {r['n_labeled']} | {r['pool_split']} → {r['eval_split']} | "
+            f"{r['budget']} | {100 * r['miou']:.1f} | {100 * r['pixel_acc']:.1f} | {r['labelled_pixels']} | "
+            f"{r['steps'] if r['steps'] is not None else '–'} | {r['train_seconds']:.0f} | {r['peak_rss_mb']:.0f} | "
+            f"{r.get('gpu') or r['device']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _row_order(name: str) -> tuple[int, str]:
+    base = name.split(" ")[0]
+    return (ROWS.index(base) if base in ROWS else len(ROWS), name)
+
+
+def plot(records: list[dict[str, Any]], path: Path) -> None:
+    """mIoU against labelled images: one panel per (evaluation split, budget), one line per row and label form
+    (dense solid, scribble dashed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = sorted(_groups(records).items())
+    fig, axes = plt.subplots(1, max(1, len(groups)), figsize=(5.2 * max(1, len(groups)), 4.2), squeeze=False)
+    names = sorted({_row_name(r) for r in records}, key=_row_order)
+    colors = {n: f"C{i}" for i, n in enumerate(names)}
+    for ax, ((split, pool_split, budget), recs) in zip(axes[0], groups, strict=False):
+        for name in names:
+            for lf, style in (("dense", "-"), ("scribble", "--")):
+                pts = sorted(
+                    (r["n_labeled"], 100 * r["miou"]) for r in recs if _row_name(r) == name and r["labels"] == lf
+                )
+                if pts:
+                    ax.plot(*zip(*pts, strict=True), style, marker="o", color=colors[name], label=f"{name}, {lf}")
+        ns = sorted({r["n_labeled"] for r in recs})
+        ax.set_xscale("log")
+        ax.set_xticks(ns, [str(n) for n in ns])
+        ax.minorticks_off()
+        ax.set_xlabel("labelled images N")
+        ax.set_ylabel("mIoU (%)")
+        ax.set_title(f"{pool_split} → {split}, {budget}", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    imageio.atomic_write_bytes(path, buf.getvalue())
+
+
+def write_reports(out: Path) -> None:
+    """Rewrite ``table.md`` and the plot from everything in ``results.jsonl``."""
+    records = read_results(out / RESULTS_NAME)
+    imageio.atomic_write_bytes(out / TABLE_NAME, format_table(records).encode())
+    if records:
+        plot(records, out / PLOT_NAME)

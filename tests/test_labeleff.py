@@ -1,0 +1,177 @@
+"""Label-efficiency benchmark on tiny synthetic data: subset, scribbles, metric, rows, resume, outputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import write_dataset
+
+from labelsmart import cli, labeleff
+from labelsmart.labeleff import BenchSpec, Cell
+
+NET_SETTINGS = {"train.crop": 64, "train.batch_size": 2, "preprocess.max_side": 128}
+KEYS = {
+    "row",
+    "n_labeled",
+    "labels",
+    "miou",
+    "per_class_iou",
+    "pixel_acc",
+    "labelled_pixels",
+    "train_seconds",
+    "steps",
+    "peak_rss_mb",
+    "device",
+    "commit",
+    "eval_split",
+    "cell",
+}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """8 toy scenes: train = frame_000..003, val = frame_004..007, val_b = frame_006..007."""
+    root = write_dataset(tmp_path_factory.mktemp("le") / "data", n=8)
+    splits = json.loads((root / "splits.json").read_text())
+    splits["val_b"] = splits["val"][2:]
+    (root / "splits.json").write_text(json.dumps(splits))
+    return root
+
+
+def test_subset_is_sorted_then_permuted_with_seed_0_and_nested():
+    names = [f"img_{i:02d}" for i in range(30)]
+    shuffled = list(reversed(names))
+    perm = np.random.default_rng(0).permutation(30)
+    assert labeleff.select_subset(shuffled, 5) == [names[i] for i in perm[:5]]
+    assert labeleff.select_subset(names, 5) == labeleff.select_subset(shuffled, 5)
+    assert labeleff.select_subset(names, 20)[:5] == labeleff.select_subset(names, 5)  # N=5 within N=20
+    with pytest.raises(labeleff.BenchError, match="only 30 images"):
+        labeleff.select_subset(names, 31)
+
+
+HAND_MADE = """
+........................................
+........................................
+.....111111111111111111111111111111.....
+.....111111111111111111111111111111.....
+.....11111111111111111111111111111......
+........................................
+"""
+
+
+def test_scribble_labels_match_a_hand_made_example():
+    mask = np.full((6, 40), 255, np.uint8)
+    mask[2:5, 5:35] = 1  # 3 x 30 = 90 px bar: the 7x7 erosion leaves nothing, so the bar itself is thinned
+    mask[0:2, 0:30] = 2  # 60 px: under 64 px, no stroke
+    # The skeleton is the centre row, x 6..33, whose last pixel skimage's thinning moves one row down; the 3x3
+    # dilation, clipped to the bar, covers the bar except its bottom-right corner.
+    rows = HAND_MADE.strip().splitlines()
+    expected = np.array([[255 if ch == "." else int(ch) for ch in row] for row in rows], np.uint8)
+    out = labeleff.make_labels(mask, "scribble")
+    assert np.array_equal(out, expected)
+    assert np.array_equal(labeleff.make_labels(mask, "dense"), mask)
+    with pytest.raises(labeleff.BenchError, match="unknown label form"):
+        labeleff.make_labels(mask, "polygons")
+
+
+def test_metric_matches_a_hand_computed_confusion_matrix(data: Path):
+    folder = labeleff.open_folder(data, "--eval")
+    names = folder.names("val")[:2]
+    gts = [folder.read(n)[1] for n in names]
+    # Predict "road" (1) everywhere: row c of the confusion matrix puts all pixels of class c in column 1.
+    res = labeleff.evaluate(lambda image: np.ones(image.shape[:2], np.uint8), folder, names)
+    counts = np.bincount(np.concatenate([g.ravel() for g in gts]), minlength=3)[:3]
+    expected = np.zeros((3, 3), np.int64)
+    expected[:, 1] = counts
+    assert np.array_equal(np.array(res["confusion"]), expected)
+    road_iou = counts[1] / counts.sum()  # tp = road pixels; union = all pixels (everything predicted road)
+    assert res["per_class_iou"] == {0: 0.0, 1: pytest.approx(road_iou), 2: 0.0}
+    assert res["miou"] == pytest.approx(road_iou / 3)
+    assert res["pixel_acc"] == pytest.approx(road_iou)
+    assert res["images"] == 2
+
+
+def _spec(data: Path, out: Path, **kw) -> BenchSpec:
+    base = dict(pool=data, eval=data, out=out, n_labeled=(2,), labels=("dense", "scribble"), threads=1, isolate=False)
+    base.update(kw)
+    return BenchSpec(**base)
+
+
+def test_rf_row_runs_writes_all_outputs_and_resumes(data: Path, tmp_path: Path, monkeypatch):
+    out = tmp_path / "out"
+    records = labeleff.run_benchmark(_spec(data, out, rows=("rf",), eval_splits=("val", "val_b")))
+    assert len(records) == 4  # 2 label forms x 2 evaluation splits
+    lines = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert len(lines) == 4
+    for r in lines:
+        assert KEYS <= set(r)
+        assert 0.0 <= r["miou"] <= 1.0 and 0.0 <= r["pixel_acc"] <= 1.0
+        assert set(r["per_class_iou"]) == {"sky", "road", "car"}
+        assert r["row"] == "rf" and r["n_labeled"] == 2 and r["steps"] is None and r["peak_rss_mb"] > 0
+        assert r["images"] == labeleff.select_subset(["frame_000", "frame_001", "frame_002", "frame_003"], 2)
+    dense = [r for r in lines if r["labels"] == "dense" and r["eval_split"] == "val"][0]
+    scrib = [r for r in lines if r["labels"] == "scribble" and r["eval_split"] == "val"][0]
+    assert dense["labelled_pixels"] == 2 * 96 * 128 and 0 < scrib["labelled_pixels"] < dense["labelled_pixels"]
+    assert dense["miou"] > 0.8  # the toy scenes are easy for colour features
+    table = (out / "table.md").read_text()
+    assert "| rf | dense |" in table and "train → val" in table
+    assert (out / "label_efficiency.png").read_bytes()[:4] == b"\x89PNG"
+
+    # Resume: finished cells are not run again; a new N is.
+    ran: list[str] = []
+    real = labeleff.run_cell
+
+    def spy(spec: BenchSpec, cell: Cell, splits: list[str]):
+        ran.append(cell.key(spec))
+        return real(spec, cell, splits)
+
+    monkeypatch.setattr(labeleff, "run_cell", spy)
+    labeleff.run_benchmark(_spec(data, out, rows=("rf",), eval_splits=("val", "val_b")))
+    assert ran == []
+    labeleff.run_benchmark(_spec(data, out, rows=("rf",), eval_splits=("val",), n_labeled=(2, 3), labels=("dense",)))
+    assert ran == ["rf|dense|n3|train|seed0"]
+    assert len((out / "results.jsonl").read_text().splitlines()) == 5
+
+
+def test_net_rows_train_through_run_round(data: Path, tmp_path: Path, monkeypatch):
+    from labelsmart import train
+
+    seen: list[tuple[float, int]] = []
+    real = train.run_round
+
+    def spy(cfg, store, snapshot, version, out_dir, **kw):
+        assert len(store.images()) == 4 and len(snapshot.revisions) == 2  # whole pool split, N labelled
+        seen.append((cfg.train.pretrain_fraction, kw["steps"]))
+        return real(cfg, store, snapshot, version, out_dir, **kw)
+
+    monkeypatch.setattr(train, "run_round", spy)
+    spec = _spec(
+        data, tmp_path / "out", rows=("labelsmart", "ce-only"), labels=("scribble",), steps=4, overrides=NET_SETTINGS
+    )
+    records = labeleff.run_benchmark(spec)
+    assert [r["row"] for r in records] == ["labelsmart", "ce-only"]
+    assert seen[0][1] == seen[1][1] == 4  # same steps for both rows
+    assert seen[0][0] > 0 and seen[1][0] == 0  # ce-only has no contrastive stage
+    lab, ce = records
+    assert lab["pretrain_steps"] > 0 and ce["pretrain_steps"] == 0 and lab["steps"] == ce["steps"] == 4
+    assert lab["train_config"]["crop"] == 64 and lab["budget"] == "4 steps" and lab["device"] == "cpu"
+
+
+def test_cli_runs_a_cell_in_its_own_process_and_refuses_bad_input(data: Path, tmp_path: Path, capsys):
+    out = tmp_path / "cli"
+    argv = ["bench", "label-efficiency", "--pool", str(data), "--eval-split", "val", "--n-labeled", "2"]
+    assert cli.main([*argv, "--labels", "dense", "--rows", "rf", "--threads", "1", "--out", str(out)]) == 0
+    rec = json.loads((out / "results.jsonl").read_text())
+    assert rec["row"] == "rf" and rec["peak_rss_mb"] > 0
+    assert "| rf | dense |" in capsys.readouterr().out
+
+    assert cli.main(["bench", "label-efficiency", "--pool", str(tmp_path / "nope"), "--out", str(out)]) == 1
+    assert "nope: not a folder" in capsys.readouterr().err
+    assert cli.main([*argv, "--rows", "svm", "--out", str(out)]) == 1
+    assert "unknown row" in capsys.readouterr().err
+    # The labelled images must never be evaluation images.
+    assert cli.main([*argv[:-4], "--eval-split", "train", "--n-labeled", "2", "--out", str(out)]) == 1
+    assert "pick disjoint splits" in capsys.readouterr().err
