@@ -288,7 +288,7 @@ def cmd_preannotate(args: argparse.Namespace) -> int:
                 out,
                 list(todo()),
                 on_outcome,
-                batch=args.batch,
+                batch_size=args.batch,
                 threads=args.threads,
                 device=args.device,
                 overlays=args.overlays,

@@ -1,0 +1,224 @@
+"""``preannotate --engine ray``: the batch pre-annotation of :mod:`labelsmart.batch` on a Ray cluster.
+
+Ray Data streams the same three steps as the local pipeline, each where it runs best:
+
+1. read: CPU tasks decode the images and prepare the network inputs (:func:`labelsmart.batch.load_item`);
+2. infer: a pool of ONNX Runtime actors (one per GPU where the cluster has GPUs, else CPU actors) turns
+   the inputs into masks and confidences;
+3. write: CPU tasks write the overlays and palette masks and return each image's manifest record
+   (:func:`labelsmart.batch.write_outputs`).
+
+The driver appends the records to the manifest as they stream back, so resuming, the manifest and the
+COCO file work exactly as with the local engine, and the files written are the same. The model file, the
+images and the output folder must be reachable under the same paths from every node (a shared
+filesystem); on a single machine that is always so. Ray is an optional extra:
+``pip install -r requirements-ray.txt``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from labelsmart import batch, imageio
+
+log = logging.getLogger(__name__)
+
+
+def _require_ray() -> Any:
+    try:
+        import ray
+        import ray.data  # noqa: F401 - Ray Data comes with the "data" extra
+    except ImportError as exc:
+        raise ValueError(
+            "--engine ray needs Ray Data, which is not installed; run `pip install -r requirements-ray.txt`."
+        ) from exc
+    return ray
+
+
+def _read_batch(rows: dict[str, np.ndarray], images: str, pp: Any) -> dict[str, Any]:
+    """Ray Data step 1: decode and prepare each image of a batch of relative paths."""
+    out: dict[str, list[Any]] = {k: [] for k in ("rel", "error", "image", "x", "meta")}
+    for rel in rows["rel"]:
+        item = batch.load_item(Path(images), Path(str(rel)), pp)
+        out["rel"].append(str(rel))
+        out["error"].append(item.error or "")
+        out["image"].append(item.image if item.image is not None else np.zeros((1, 1, 3), np.uint8))
+        out["x"].append(item.x if item.x is not None else np.zeros((3, 1, 1), np.float32))
+        meta = item.meta
+        out["meta"].append(
+            np.asarray([*meta.orig_hw, *meta.work_hw, *meta.pad_hw], np.int64) if meta else np.zeros(6, np.int64)
+        )
+    return {k: _column(v) for k, v in out.items()}
+
+
+def _column(values: list[Any]) -> np.ndarray:
+    """A Ray Data column: strings as a string array, arrays as an object array (their shapes may differ)."""
+    if values and isinstance(values[0], str):
+        return np.asarray(values, dtype=object)
+    col = np.empty(len(values), dtype=object)
+    for i, v in enumerate(values):
+        col[i] = v
+    return col
+
+
+def _meta(row: np.ndarray) -> imageio.Meta:
+    v = [int(a) for a in row]
+    return imageio.Meta(orig_hw=(v[0], v[1]), work_hw=(v[2], v[3]), pad_hw=(v[4], v[5]))
+
+
+class _Infer:
+    """Ray Data step 2: an actor holding one ONNX Runtime session (on its GPU when it was given one)."""
+
+    def __init__(self, model_path: str, threads: int, device: str) -> None:
+        from labelsmart.predictor import OnnxModel
+
+        self.model = OnnxModel(Path(model_path), threads=threads or None, device=device)
+
+    def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, Any]:
+        n = len(rows["rel"])
+        masks: list[Any] = [np.zeros((1, 1), np.uint8)] * n
+        confs: list[Any] = [np.zeros((1, 1), np.float32)] * n
+        errors = [str(e) for e in rows["error"]]
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i in range(n):
+            if not errors[i]:
+                groups.setdefault(tuple(int(v) for v in rows["meta"][i][4:6]), []).append(i)
+        for idx in groups.values():  # inputs of one padded size share a run, as in the local pipeline
+            try:
+                logits = list(self.model.logits(np.stack([rows["x"][i] for i in idx])))
+            except Exception:  # noqa: BLE001 - retry one by one so a bad image fails alone
+                logits = []
+                for i in idx:
+                    try:
+                        logits.append(self.model.logits(rows["x"][i][None])[0])
+                    except Exception as exc:  # noqa: BLE001
+                        logits.append(exc)
+            for i, lg in zip(idx, logits, strict=True):
+                if isinstance(lg, Exception):
+                    errors[i] = batch.INFERENCE_FAILED.format(" ".join(str(lg).split()))
+                    continue
+                masks[i], confs[i] = imageio.logits_to_mask(lg, _meta(rows["meta"][i]))
+        return {
+            "rel": rows["rel"],
+            "error": _column(errors),
+            "image": rows["image"],
+            "mask": _column(masks),
+            "confidence": _column(confs),
+        }
+
+
+def _write_batch(rows: dict[str, np.ndarray], out: str, info: batch.ModelInfo, overlays: bool) -> dict[str, Any]:
+    """Ray Data step 3: write each image's files; returns its manifest record (as JSON) or its error."""
+    import json
+
+    records, errors = [], []
+    for i, rel in enumerate(rows["rel"]):
+        error = str(rows["error"][i])
+        record = ""
+        if not error:
+            try:
+                rec = batch.write_outputs(
+                    Path(out), Path(str(rel)), rows["image"][i], rows["mask"][i], rows["confidence"][i], info, overlays
+                )
+                record = json.dumps(rec)
+            except OSError as exc:
+                error = batch.WRITE_FAILED.format(exc, out)
+        records.append(record)
+        errors.append(error)
+    return {"rel": rows["rel"], "record": _column(records), "error": _column(errors)}
+
+
+def run_ray(
+    model_path: Path,
+    images: Path,
+    out: Path,
+    todo: Sequence[Path],
+    on_outcome: Callable[[batch.Outcome], None],
+    batch_size: int = 4,
+    threads: int = 0,
+    device: str = "auto",
+    overlays: bool = True,
+    address: str | None = None,
+    num_cpus: int | None = None,
+) -> None:
+    """Pre-annotate ``todo`` on Ray; ``on_outcome`` is called in the driver once per image.
+
+    Args:
+        address: a running cluster (``ray://host:10001`` or ``auto``); None starts a local Ray instance.
+        threads: ONNX Runtime threads per CPU actor (0 = 1 per actor, with one actor per two CPUs).
+        num_cpus: CPUs of the local instance (default all); ignored with ``address``.
+    """
+    import json
+
+    from labelsmart.predictor import OnnxModel
+
+    if not todo:
+        return
+    ray = _require_ray()
+    started = False
+    if not ray.is_initialized():
+        kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
+        if address:
+            kwargs["address"] = address
+        elif num_cpus is not None:
+            kwargs["num_cpus"] = num_cpus
+        ray.init(**kwargs)
+        started = True
+    try:
+        probe = OnnxModel(model_path, threads=1, device="cpu")
+        info = batch.ModelInfo.of(probe)
+        resources = ray.cluster_resources()
+        gpus = int(resources.get("GPU", 0)) if device != "cpu" else 0
+        cpus = max(1, int(resources.get("CPU", os.cpu_count() or 1)))
+        if gpus:
+            actors, per_actor = {"num_gpus": 1, "num_cpus": 1}, gpus
+            ort_threads = threads or 1
+        else:
+            ort_threads = threads or 1
+            per_actor = max(1, (cpus // 2) // ort_threads) if cpus > 1 else 1
+            actors = {"num_cpus": ort_threads}
+        log.info(
+            "ray: %d CPUs, %d GPUs; %d inference actors (%s), %d image(s) per batch",
+            cpus,
+            gpus,
+            per_actor,
+            "GPU" if gpus else f"{ort_threads} ONNX Runtime thread(s) each",
+            batch_size,
+        )
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False
+        ds = ray.data.from_items(
+            [{"rel": r.as_posix()} for r in todo], override_num_blocks=max(1, len(todo) // batch_size)
+        )
+        ds = ds.map_batches(
+            _read_batch, batch_size=batch_size, batch_format="numpy", fn_kwargs={"images": str(images), "pp": probe.pp}
+        )
+        ds = ds.map_batches(
+            _Infer,
+            batch_size=batch_size,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=per_actor),
+            fn_constructor_kwargs={"model_path": str(model_path), "threads": ort_threads, "device": device},
+            **actors,
+        )
+        ds = ds.map_batches(
+            _write_batch,
+            batch_size=batch_size,
+            batch_format="numpy",
+            fn_kwargs={"out": str(out), "info": info, "overlays": overlays},
+        )
+        for rows in ds.iter_batches(batch_format="numpy", batch_size=None):
+            for rel, record, error in zip(rows["rel"], rows["record"], rows["error"], strict=True):
+                if error:
+                    on_outcome(batch.Outcome(Path(str(rel)), error=str(error)))
+                else:
+                    on_outcome(batch.Outcome(Path(str(rel)), record=json.loads(str(record))))
+    finally:
+        if started:
+            ray.shutdown()
