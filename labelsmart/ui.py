@@ -7,6 +7,7 @@ without a browser. ``build_ui`` holds all layout and wiring; only ``app.py`` cal
 from __future__ import annotations
 
 import html
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from labelsmart import imageio
+from labelsmart import active, imageio
 from labelsmart.config import IGNORE_INDEX, Config
 from labelsmart.store import Store, StoreError
 
@@ -39,6 +40,8 @@ class View:
     overlay_info: str  # markdown: model version, confidence, providers
     image_info: str  # markdown: path, size, state, revisions
     version: int | None  # model version of the overlay
+    uncertainty: np.ndarray | None = None  # the model's uncertainty drawn over the image
+    uncertainty_info: str = ""  # markdown: what the map shows, the image's score and rank
 
 
 class Session:
@@ -113,9 +116,100 @@ class Session:
         n = {s: 0 for s in STATE_MARK}
         for r in rows:
             n[r.state] += 1
-        return (
+        remaining = n["pre-annotated"] + n["unlabelled"]
+        lines = [
             f"**{len(rows)} images** · ● {n['labelled']} labelled · ◐ {n['pre-annotated']} pre-annotated · "
-            f"○ {n['unlabelled']} unlabelled"
+            f"○ {n['unlabelled']} unlabelled · **{remaining} remaining**"
+        ]
+        counts = self.store.class_pixel_counts()
+        if counts:
+            chips = []
+            for c in self.store.classes():
+                sw = (
+                    f'<span style="display:inline-block;width:10px;height:10px;border-radius:2px;'
+                    f'background:{hex_color(c.color)}"></span>'
+                )
+                chips.append(f"{sw} {html.escape(c.name)} {counts.get(c.id, 0):,}")
+            lines.append("Labelled pixels per class: " + " · ".join(chips))
+        return "<br>".join(lines)
+
+    def next_image(self, image_id: int | None, picked: list[int] | None = None, order: str | None = None) -> tuple:
+        """What "Next" opens, and why: ``(image id, reason)``.
+
+        ``suggested`` (the default, ``active.order``): the unlabelled image the newest scored model is least
+        sure of, skipping near-duplicates of labelled images and of images offered before in this session
+        (``picked``); ``sequential``: the next image in the list.
+        """
+        order = order or self.cfg.active.order
+        if order == "sequential":
+            return self.neighbour(image_id, 1), ""
+        s = active.suggest(self.store, self.cfg.active, picked=picked or (), after=image_id)
+        if s is None:
+            return self.neighbour(image_id, 1), "Every image is labelled; Next goes through the list in order."
+        return s.image_id, s.reason
+
+    def uncertainty(self, image_id: int, image: np.ndarray | None = None) -> tuple[np.ndarray | None, str]:
+        """The serving model's uncertainty over an image (bright = unsure), and a line about it.
+
+        The map stored when the trainer scored the image with the serving version (normalised entropy or
+        margin) is shown where there is one; otherwise 1 − the pre-annotation's confidence.
+        """
+        version = self.predictor.version
+        if version is None:
+            return None, ""
+        umap = self.store.score_map(int(image_id), version)
+        scores = self.store.scores(version) if umap is not None else {}
+        if umap is not None:
+            method = self.store.score_method(version)
+            mine = scores[int(image_id)]
+            rank = 1 + sum(1 for v in scores.values() if v > mine)
+            info = (
+                f"Uncertainty of **model v{version}** ({method}; bright = unsure): mean **{mine:.2f}**, "
+                f"rank {rank} of {len(scores)} scored images."
+            )
+        else:
+            pred = self.predictor.predict(int(image_id))
+            if pred is None:
+                return None, ""
+            umap = 1.0 - np.asarray(pred.confidence, dtype=np.float32)
+            info = (
+                f"Uncertainty of **model v{version}** (1 − confidence; bright = unsure): mean {float(umap.mean()):.2f}."
+            )
+        if image is None:
+            image = self.store.read_image(int(image_id))
+        return active.heatmap(image, umap), info
+
+    def miou_curve(self) -> Any:
+        """Validation mIoU (%) of each published version against the labels spent (a pandas DataFrame)."""
+        import pandas as pd
+
+        rows = [
+            {
+                "labelled pixels": m.labelled_pixels,
+                "labelled images": m.labelled_images,
+                "val mIoU %": round(100 * float(m.metrics["val_miou"]), 1),
+                "version": f"v{m.version}",
+            }
+            for m in self.store.models()
+            if m.status == "published" and m.metrics.get("val_miou") is not None
+        ]
+        return pd.DataFrame(rows, columns=["labelled pixels", "labelled images", "val mIoU %", "version"])
+
+    def class_iou_rows(self) -> tuple[list[list[Any]], str]:
+        """Per-class validation IoU (%) of the newest published version that has one, and a caption."""
+        names = {c.id: c.name for c in self.store.classes()}
+        for m in reversed(self.store.models()):
+            per = m.metrics.get("val_per_class_iou") if m.status == "published" else None
+            if per:
+                rows = [
+                    [names.get(int(k), str(k)), "" if v is None else f"{100 * float(v):.1f}"]
+                    for k, v in sorted(per.items(), key=lambda kv: int(kv[0]))
+                ]
+                return rows, f"Per-class validation IoU of model v{m.version} ({m.labelled_images} labelled images)"
+        tc = self.cfg.train
+        return [], (
+            f"Per-class IoU appears once {tc.val_min_images} images are labelled "
+            f"(every {tc.val_every}th is held out for validation)."
         )
 
     def view(self, image_id: int | None, alpha: float = 0.5) -> View:
@@ -132,7 +226,8 @@ class Session:
         editor = {"background": image, "layers": [layer], "composite": None}
         overlay, overlay_info, version = self.preannotation(image_id, image, alpha)
         info = self.image_info(image_id)  # after predicting, so the state says pre-annotated
-        return View(image_id, editor, overlay, overlay_info, info, version)
+        umap, uinfo = self.uncertainty(image_id, image) if version is not None else (None, "")
+        return View(image_id, editor, overlay, overlay_info, info, version, umap, uinfo)
 
     def image_info(self, image_id: int) -> str:
         """One line about an image: path, size, state, labelled pixels, revisions."""
@@ -315,6 +410,49 @@ class Session:
         return rows
 
 
+# Keyboard shortcuts, bound once per page; keys typed into a text field or with a modifier are left alone.
+SHORTCUTS = {"n": "#ls-next", "p": "#ls-prev", "s": "#ls-save", "a": "#ls-accept", "u": "#ls-undo"}
+SHORTCUTS_MD = (
+    "Keys: **n** next · **p** previous · **s** save · **a** use pre-annotation · **u** undo last save · "
+    "**1**–**9** class 0–8 as brush colour"
+)
+SHORTCUTS_JS = """
+() => {
+  if (window.__labelsmartKeys) return;
+  window.__labelsmartKeys = true;
+  const keys = __KEYS__;
+  const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+  const q = (sel) => document.querySelector(sel);
+  async function pickClass(i) {
+    const brush = q("#ls-editor button[aria-label='Brush']");
+    if (brush) { brush.click(); await sleep(60); }
+    document.activeElement && document.activeElement.blur();
+    let swatches = document.querySelectorAll("#ls-editor button.color");
+    if (!swatches.length) {
+      const color = q("#ls-editor button[aria-label='Color']");
+      if (color) { color.click(); await sleep(60); }
+      swatches = document.querySelectorAll("#ls-editor button.color");
+    }
+    if (swatches[i]) swatches[i].click();
+    document.dispatchEvent(new KeyboardEvent("keydown", {key: "Escape", bubbles: true}));
+  }
+  document.addEventListener("keydown", (e) => {
+    if (e.ctrlKey || e.metaKey || e.altKey || e.repeat) return;
+    const t = e.target;
+    const tag = ((t && t.tagName) || "").toLowerCase();
+    if (tag === "input" || tag === "textarea" || tag === "select" || (t && t.isContentEditable)) return;
+    const k = (e.key || "").toLowerCase();
+    if (keys[k]) { const el = q(keys[k]); if (el) { e.preventDefault(); el.click(); } return; }
+    if (/^[1-9]$/.test(k)) { e.preventDefault(); pickClass(parseInt(k, 10) - 1); }
+  }, true);
+}
+""".replace("__KEYS__", json.dumps(SHORTCUTS))
+CLASS_IOU_HEADERS = ["class", "IoU %"]
+ORDER_CHOICES = [
+    ("the most uncertain image (active learning)", "suggested"),
+    ("the next image in the list", "sequential"),
+]
+
 VERSION_HEADERS = ["version", "status", "labelled images", "labelled pixels", "val mIoU %", "steps", "seconds", "time"]
 
 
@@ -329,6 +467,9 @@ def build_ui(session: Session, poll_s: float = 2.0) -> Any:
     with gr.Blocks(title="labelsmart") as demo:
         current = gr.State(None)  # image id on screen
         shown_version = gr.State(None)  # model version of the overlay on screen
+        picked = gr.State([])  # images Next offered in this session (not offered again)
+        back = gr.State([])  # images left with Next, for Previous
+        seen_models = gr.State(None)  # number of model versions when the progress plot was drawn
         gr.Markdown(f"## labelsmart · {html.escape(session.cfg.project)}")
         with gr.Row():
             with gr.Column(scale=1, min_width=240):
@@ -342,7 +483,10 @@ def build_ui(session: Session, poll_s: float = 2.0) -> Any:
                 with gr.Row():
                     prev_btn = gr.Button("◀ Previous", elem_id="ls-prev")
                     next_btn = gr.Button("Next ▶", elem_id="ls-next")
+                order = gr.Radio(ORDER_CHOICES, value=session.cfg.active.order, label="Next opens", elem_id="ls-order")
                 image_info = gr.Markdown(elem_id="ls-image-info")
+                why = gr.Markdown(elem_id="ls-why")
+                gr.Markdown(SHORTCUTS_MD, elem_id="ls-keys")
                 with gr.Accordion("Classes", open=not session.store.classes()):
                     new_class = gr.Textbox(label="New class name", elem_id="ls-new-class")
                     new_color = gr.ColorPicker(label="Colour (optional)")
@@ -377,6 +521,10 @@ def build_ui(session: Session, poll_s: float = 2.0) -> Any:
                 overlay = gr.Image(label="Pre-annotation", type="numpy", interactive=False, elem_id="ls-overlay")
                 alpha = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="Overlay opacity")
                 overlay_info = gr.Markdown(elem_id="ls-overlay-info")
+                uncertainty = gr.Image(
+                    label="Uncertainty (bright = unsure)", type="numpy", interactive=False, elem_id="ls-uncertainty"
+                )
+                uncertainty_info = gr.Markdown(elem_id="ls-uncertainty-info")
                 trainer_md = gr.Markdown(session.trainer_md(), elem_id="ls-trainer")
                 train_btn = gr.Button("Train now", elem_id="ls-train-now")
                 versions = gr.Dataframe(
@@ -386,6 +534,20 @@ def build_ui(session: Session, poll_s: float = 2.0) -> Any:
                     interactive=False,
                     elem_id="ls-versions",
                 )
+                with gr.Accordion("Progress of the model", open=True):
+                    curve = gr.LinePlot(
+                        session.miou_curve(),
+                        x="labelled pixels",
+                        y="val mIoU %",
+                        title="Validation mIoU against labels spent",
+                        tooltip="all",
+                        elem_id="ls-curve",
+                    )
+                    iou_rows, iou_caption = session.class_iou_rows()
+                    class_iou_caption = gr.Markdown(iou_caption, elem_id="ls-class-iou-caption")
+                    class_iou = gr.Dataframe(
+                        headers=CLASS_IOU_HEADERS, value=iou_rows, interactive=False, elem_id="ls-class-iou"
+                    )
 
         def show(image_id: int | None, a: float) -> tuple:
             v = session.view(image_id, a)
@@ -397,17 +559,48 @@ def build_ui(session: Session, poll_s: float = 2.0) -> Any:
                 v.image_info,
                 v.version,
                 gr.Dropdown(choices=session.image_choices(), value=v.image_id),
+                v.uncertainty,
+                v.uncertainty_info,
             )
 
-        view_outputs = [current, editor, overlay, overlay_info, image_info, shown_version, picker]
+        view_outputs = [
+            current,
+            editor,
+            overlay,
+            overlay_info,
+            image_info,
+            shown_version,
+            picker,
+            uncertainty,
+            uncertainty_info,
+        ]
 
-        def step(image_id: int | None, a: float, k: int) -> tuple:
-            return show(session.neighbour(image_id, k), a)
+        def go_next(image_id: int | None, a: float, seen: list[int], left: list[int], how: str) -> tuple:
+            nxt, reason = session.next_image(image_id, seen, how)
+            seen = [*(seen or []), nxt] if how == "suggested" else list(seen or [])
+            left = [*(left or []), image_id][-100:] if image_id is not None else list(left or [])
+            return (*show(nxt, a), reason, seen, left)
+
+        def go_previous(image_id: int | None, a: float, left: list[int]) -> tuple:
+            left = list(left or [])
+            prev = left.pop() if left else session.neighbour(image_id, -1)
+            return (*show(prev, a), "", left)
+
+        def open_image(image_id: int | None, a: float) -> tuple:
+            return (*show(image_id, a), "")
 
         demo.load(lambda a: show(None, a), inputs=[alpha], outputs=view_outputs, api_name="load")
-        picker.input(show, inputs=[picker, alpha], outputs=view_outputs, api_name="open_image")
-        prev_btn.click(lambda i, a: step(i, a, -1), inputs=[current, alpha], outputs=view_outputs, api_name="previous")
-        next_btn.click(lambda i, a: step(i, a, 1), inputs=[current, alpha], outputs=view_outputs, api_name="next")
+        demo.load(None, js=SHORTCUTS_JS)
+        picker.input(open_image, inputs=[picker, alpha], outputs=[*view_outputs, why], api_name="open_image")
+        prev_btn.click(
+            go_previous, inputs=[current, alpha, back], outputs=[*view_outputs, why, back], api_name="previous"
+        )
+        next_btn.click(
+            go_next,
+            inputs=[current, alpha, picked, back, order],
+            outputs=[*view_outputs, why, picked, back],
+            api_name="next",
+        )
 
         def save(image_id: int | None, value: dict | None) -> tuple:
             msg = session.save(image_id, value)
@@ -452,20 +645,41 @@ def build_ui(session: Session, poll_s: float = 2.0) -> Any:
         )
         train_btn.click(session.train_now, outputs=[save_msg], api_name="train_now")
 
-        def poll(image_id: int | None, version: int | None, a: float) -> tuple:
+        def poll(image_id: int | None, version: int | None, a: float, n_seen: int | None) -> tuple:
             session.predictor.refresh()
             status = session.trainer_md()
             rows = session.versions_rows()
+            n_models = len(session.store.models())
+            if n_models != n_seen:  # redraw the progress plot and table only when a version came or went
+                iou_rows, iou_caption = session.class_iou_rows()
+                plots = (session.miou_curve(), iou_rows, iou_caption, n_models)
+            else:
+                plots = (gr.skip(), gr.skip(), gr.skip(), gr.skip())
             if image_id is not None and session.predictor.version is not None and session.predictor.version != version:
                 ov, info, new_version = session.preannotation(int(image_id), alpha=a)
-                return status, rows, ov, info, new_version, session.progress_md()
-            return status, rows, gr.skip(), gr.skip(), gr.skip(), session.progress_md()
+                umap, uinfo = session.uncertainty(int(image_id))
+                return status, rows, ov, info, new_version, session.progress_md(), umap, uinfo, *plots
+            skip = gr.skip()
+            return status, rows, skip, skip, skip, session.progress_md(), skip, skip, *plots
 
         timer = gr.Timer(poll_s)
         timer.tick(
             poll,
-            inputs=[current, shown_version, alpha],
-            outputs=[trainer_md, versions, overlay, overlay_info, shown_version, progress],
+            inputs=[current, shown_version, alpha, seen_models],
+            outputs=[
+                trainer_md,
+                versions,
+                overlay,
+                overlay_info,
+                shown_version,
+                progress,
+                uncertainty,
+                uncertainty_info,
+                curve,
+                class_iou,
+                class_iou_caption,
+                seen_models,
+            ],
             api_name="poll",
             show_progress="hidden",
         )

@@ -75,6 +75,69 @@ def test_navigation_and_classes(session: Session):
     assert "Train now" not in session.train_now() or session.store.pending_requests("train_now") == 1
 
 
+def _publish_toy(session: Session, tmp_path: Path, metrics: dict | None = None) -> int:
+    """Register the hand-built toy ONNX model as published version 1 and let the predictor serve it."""
+    from conftest import write_toy_model
+
+    store = session.store
+    write_toy_model(tmp_path / "toy" / "v0001" / "model.onnx", max_side=64)
+    store.add_model(1, tmp_path / "toy" / "v0001", store.snapshot(), status="published")
+    store.publish_model(1, metrics or {})
+    session.predictor.refresh()
+    assert session.predictor.version == 1
+    return 1
+
+
+def test_next_offers_the_suggested_image_and_shows_its_uncertainty(session: Session, tmp_path: Path):
+    from labelsmart import active
+
+    store = session.store
+    ids = [r.id for r in store.images()]
+    # No model: Next goes through the list and says why.
+    nxt, why = session.next_image(ids[0], [], "suggested")
+    assert nxt == ids[1] and "in order" in why
+    assert session.next_image(ids[0], [], "sequential") == (ids[1], "")
+    _publish_toy(session, tmp_path)
+    view = session.view(ids[3])  # served but not scored yet: the map is 1 - confidence
+    assert view.uncertainty is not None and view.uncertainty.shape == view.editor["background"].shape
+    assert "1 − confidence" in view.uncertainty_info
+    active.score_version(store, session.predictor.model, 1, session.cfg.active)
+    expected = active.suggest(store, session.cfg.active, after=ids[0])
+    nxt, why = session.next_image(ids[0], [], "suggested")
+    assert nxt == expected.image_id and "least sure" in why and "model v1" in why
+    assert session.next_image(ids[0], [nxt], "suggested")[0] != nxt  # offered once, not again
+    umap, info = session.uncertainty(nxt)
+    assert umap is not None and "(entropy" in info and "rank" in info
+
+
+def test_progress_panel(session: Session, tmp_path: Path):
+    store = session.store
+    img = store.images()[0]
+    m = np.full((img.height, img.width), 255, np.uint8)
+    m[:2], m[-3:] = 0, 1
+    store.save_label(img.id, m)
+    md = session.progress_md()
+    assert "1 labelled" in md and "7 remaining" in md and f"sky {2 * img.width:,}" in md and "car 0" in md
+    assert session.miou_curve().empty
+    rows, caption = session.class_iou_rows()
+    assert rows == [] and "10 images are labelled" in caption
+    _publish_toy(session, tmp_path, {"val_miou": 0.5, "val_per_class_iou": {"0": 0.9, "1": 0.1, "2": None}})
+    curve = session.miou_curve()
+    assert curve["val mIoU %"].tolist() == [50.0] and curve["labelled pixels"].tolist() == [5 * img.width]
+    rows, caption = session.class_iou_rows()
+    assert rows == [["sky", "90.0"], ["road", "10.0"], ["car", ""]] and "model v1" in caption
+
+
+def test_build_ui_wires_next_progress_and_shortcuts(session: Session):
+    from labelsmart.ui import SHORTCUTS, SHORTCUTS_JS, build_ui
+
+    demo = build_ui(session)
+    ids = {getattr(b, "elem_id", None) for b in demo.blocks.values()}
+    assert {"ls-next", "ls-why", "ls-uncertainty", "ls-curve", "ls-class-iou", "ls-order", "ls-keys"} <= ids
+    assert all(sel.lstrip("#") in ids for sel in SHORTCUTS.values())
+    assert '"n": "#ls-next"' in SHORTCUTS_JS
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
