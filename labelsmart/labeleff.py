@@ -427,6 +427,8 @@ def _cell_child(spec_json: dict[str, Any], cell: tuple[str, int, str], splits: l
         level=logging.WARNING, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     logging.getLogger("labelsmart").setLevel(level)
+    logging.getLogger("labelsmart.store").setLevel(max(level, logging.WARNING))  # one line per saved label
+    _exit_with_parent()
     try:
         records = run_cell(BenchSpec.from_json(spec_json), Cell(*cell), splits)
         payload: dict[str, Any] = {"records": records}
@@ -434,6 +436,21 @@ def _cell_child(spec_json: dict[str, Any], cell: tuple[str, int, str], splits: l
         log.debug("cell failed", exc_info=True)
         payload = {"error": f"{type(exc).__name__}: {' '.join(str(exc).split())}", "user": isinstance(exc, ValueError)}
     imageio.atomic_write_bytes(Path(out), json.dumps(payload).encode())
+
+
+def _exit_with_parent(poll_s: float = 2.0) -> None:
+    """End this (spawned) process when its parent is gone, so a killed benchmark leaves no training behind."""
+    import threading
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(poll_s)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def _run_isolated(spec: BenchSpec, cell: Cell, splits: list[str]) -> list[dict[str, Any]]:
@@ -543,6 +560,24 @@ def check_spec(spec: BenchSpec) -> None:
             )
 
 
+def _terminate_as_interrupt() -> Any:
+    """SIGTERM (``timeout``, a job scheduler) ends the run like Ctrl-C: the running cell's process is stopped too.
+
+    Returns:
+        The previous handler (to restore), or None where no handler can be set (not the main thread).
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    return signal.signal(signal.SIGTERM, handler)
+
+
 def run_benchmark(spec: BenchSpec) -> list[dict[str, Any]]:
     """Run (or resume) every cell of ``spec``; returns all records of this run's cells.
 
@@ -554,6 +589,7 @@ def run_benchmark(spec: BenchSpec) -> list[dict[str, Any]]:
 
     check_spec(spec)
     spec.out.mkdir(parents=True, exist_ok=True)
+    previous_sigterm = _terminate_as_interrupt()
     results = spec.out / RESULTS_NAME
     cells = cells_of(spec)
     eval_key = str(spec.eval)
@@ -596,6 +632,10 @@ def run_benchmark(spec: BenchSpec) -> list[dict[str, Any]]:
             bar.update(1)
     finally:
         bar.close()
+        if previous_sigterm is not None:
+            import signal
+
+            signal.signal(signal.SIGTERM, previous_sigterm)
     write_reports(spec.out)
     if failed:
         raise RuntimeError(f"{len(failed)} cell(s) failed ({', '.join(failed)}); see {spec.out / ERRORS_NAME}.")
