@@ -56,6 +56,10 @@ class TrainConfig:
     weight_decay: float = 1e-4
     temperature: float = 0.1  # supervised pixel contrastive loss temperature
     pixels_per_class: int = 64  # labelled pixels sampled per class per image for the contrastive loss
+    # Joint objective (0 = off): fine-tuning adds this weight times the pixel contrastive loss to the CE loss,
+    # both from one forward pass over two photometric views of batch_size // 2 crops (so a step costs what a
+    # CE step over batch_size crops costs).
+    contrastive_weight: float = 0.0
     device: str = "auto"  # auto | cpu | cuda
     threads: int = 0  # torch CPU threads (0 = all cores)
     seed: int = 0

@@ -151,9 +151,13 @@ class SegModel(nn.Module):
         feats = self.net.encoder(x)  # list of (B, C_i, H / 2^i, W / 2^i)
         return self.net.decoder(feats)  # (B, C, h, w)
 
+    def forward_head(self, feats: Tensor) -> Tensor:
+        """Segmentation logits ``(B, K, H, W)`` of decoder features ``(B, C, h, w)`` (upsampled to the input size)."""
+        return self.net.segmentation_head(feats)  # (B, K, H, W)
+
     def forward(self, x: Tensor) -> Tensor:
         """Segmentation logits ``(B, K, H, W)`` at the input resolution (H, W multiples of 32)."""
-        return self.net.segmentation_head(self.forward_features(x))  # (B, K, H, W)
+        return self.forward_head(self.forward_features(x))  # (B, K, H, W)
 
     def project(self, feats: Tensor) -> Tensor:
         """Unit-length contrastive embeddings ``(B, D, h, w)`` of features ``(B, C, h, w)``."""

@@ -228,6 +228,9 @@ def run_round(
     val_pairs = [by_id[i] for i in val_ids]
     del by_id
     batch_size = max(2, tc.batch_size)  # BatchNorm after global pooling (ASPP) needs two samples
+    joint = tc.contrastive_weight > 0
+    if joint:  # two views of half the crops: a joint step sees batch_size images, as a CE step does
+        batch_size = max(1, batch_size // 2)
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
@@ -328,7 +331,11 @@ def run_round(
         if stage == PRETRAIN:
             loss = _contrastive_step(model, batch, tc, generator, device, memory_format, autocast)
         else:
-            loss = _finetune_step(model, batch, device, memory_format, autocast)
+            loss = (
+                _joint_step(model, batch, tc, generator, device, memory_format, autocast)
+                if joint
+                else _finetune_step(model, batch, device, memory_format, autocast)
+            )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -378,6 +385,28 @@ def _log_stage(name: str, done: dict[str, int], losses: dict[str, list[float]], 
         )
 
 
+def _contrastive_loss(
+    model: SegModel, feats: Tensor, label: Tensor, tc: TrainConfig, generator: torch.Generator, device: torch.device
+) -> Tensor:
+    """Supervised pixel contrastive loss of the features of two views; positives across views and images.
+
+    Args:
+        feats: ``(2B, C, h, w)``: view 1 of the B crops, then view 2.
+        label: ``(B, c, c)`` labels of the crops (CPU), 255 = unlabelled.
+    """
+    b = label.shape[0]
+    b_idx, y, x, cls = sample_pixels(label, tc.pixels_per_class, generator=generator)  # (N,) each
+    if b_idx.numel() > MAX_CONTRASTIVE_SAMPLES:
+        keep = torch.randperm(b_idx.numel(), generator=generator)[:MAX_CONTRASTIVE_SAMPLES]
+        b_idx, y, x, cls = b_idx[keep], y[keep], x[keep], cls[keep]
+    b_idx, y, x = b_idx.to(device), y.to(device), x.to(device)
+    both = torch.cat([b_idx, b_idx + b])  # (2N,) same pixel in view 1 and view 2
+    picked = _sample_features(feats, both, torch.cat([y, y]), torch.cat([x, x]), tuple(label.shape[1:]))  # (2N, C)
+    emb = model.project(picked[:, :, None, None]).flatten(1)  # (2N, D)
+    with torch.autocast(device.type, enabled=False):  # similarities / temperature need float32, not bf16
+        return supervised_pixel_contrastive_loss(emb.float(), torch.cat([cls, cls]).to(device), tc.temperature)
+
+
 def _contrastive_step(
     model: SegModel,
     batch: dict[str, Tensor],
@@ -388,21 +417,32 @@ def _contrastive_step(
     autocast: contextlib.AbstractContextManager,
 ) -> Tensor:
     """Supervised pixel contrastive loss over both views; positives across views and images."""
-    label = batch["label"]  # (B, c, c)
-    b = label.shape[0]
-    b_idx, y, x, cls = sample_pixels(label, tc.pixels_per_class, generator=generator)  # (N,) each
-    if b_idx.numel() > MAX_CONTRASTIVE_SAMPLES:
-        keep = torch.randperm(b_idx.numel(), generator=generator)[:MAX_CONTRASTIVE_SAMPLES]
-        b_idx, y, x, cls = b_idx[keep], y[keep], x[keep], cls[keep]
     views = torch.cat([batch["view1"], batch["view2"]])  # (2B, 3, c, c)
     views = views.to(device, non_blocking=True).contiguous(memory_format=memory_format)
-    b_idx, y, x = b_idx.to(device), y.to(device), x.to(device)
     with autocast:
         feats = model.forward_features(views)  # (2B, C, h, w)
-        both = torch.cat([b_idx, b_idx + b])  # (2N,) same pixel in view 1 and view 2
-        picked = _sample_features(feats, both, torch.cat([y, y]), torch.cat([x, x]), tuple(label.shape[1:]))  # (2N, C)
-        emb = model.project(picked[:, :, None, None]).flatten(1)  # (2N, D)
-    return supervised_pixel_contrastive_loss(emb.float(), torch.cat([cls, cls]).to(device), tc.temperature)
+        return _contrastive_loss(model, feats, batch["label"], tc, generator, device)
+
+
+def _joint_step(
+    model: SegModel,
+    batch: dict[str, Tensor],
+    tc: TrainConfig,
+    generator: torch.Generator,
+    device: torch.device,
+    memory_format: torch.memory_format,
+    autocast: contextlib.AbstractContextManager,
+) -> Tensor:
+    """Cross-entropy on both views plus ``contrastive_weight`` x the pixel contrastive loss, one forward pass."""
+    label = batch["label"]  # (B, c, c)
+    views = torch.cat([batch["view1"], batch["view2"]])  # (2B, 3, c, c)
+    views = views.to(device, non_blocking=True).contiguous(memory_format=memory_format)
+    target = torch.cat([label, label]).to(device, non_blocking=True)  # (2B, c, c)
+    with autocast:
+        feats = model.forward_features(views)  # (2B, C, h, w)
+        logits = model.forward_head(feats)  # (2B, K, c, c)
+        contrastive = _contrastive_loss(model, feats, label, tc, generator, device)
+    return masked_cross_entropy(logits.float(), target) + tc.contrastive_weight * contrastive
 
 
 def _finetune_step(
@@ -422,7 +462,7 @@ def _finetune_step(
 
 def ce_only(tc: TrainConfig) -> TrainConfig:
     """The same round with every contrastive part switched off: the cross-entropy baseline of the benchmarks."""
-    return dataclasses.replace(tc, pretrain_fraction=0.0)
+    return dataclasses.replace(tc, pretrain_fraction=0.0, contrastive_weight=0.0)
 
 
 @torch.inference_mode()

@@ -162,3 +162,15 @@ def _args(cfg: config.Config) -> dict:
         "train.val_every": cfg.train.val_every,
         "preprocess.max_side": cfg.preprocess.max_side,
     }
+
+
+def test_joint_objective_trains_ce_and_contrastive_in_one_stage(project, tmp_path: Path) -> None:
+    torch.set_num_threads(1)
+    cfg, store = project
+    joint = config.load({**_args(cfg), "train.pretrain_fraction": 0.0, "train.contrastive_weight": 0.5}, env={})
+    result = run_round(joint, store, store.snapshot(), 1, tmp_path / "v1", steps=3)
+    m = result.metrics
+    assert result.steps == 3 and m["pretrain_steps"] == 0 and m["finetune_steps"] == 3
+    assert np.isfinite(m["train_loss"]) and m["contrastive_loss"] is None  # no separate contrastive stage
+    model, _ = load_checkpoint(result.checkpoint)
+    assert model(torch.rand(1, 3, 64, 64)).shape == (1, 3, 64, 64)
