@@ -303,3 +303,327 @@ def ort_over_torch(records: list[dict[str, Any]], batch: int = 1) -> float | Non
     if "onnxruntime" not in ips or not ips.get("pytorch"):
         return None
     return float(ips["onnxruntime"]) / float(ips["pytorch"])
+
+
+# ------------------------------------------------------------------------------------- session tuning
+
+
+TUNE_NAME = "tune.jsonl"
+
+
+def _with_argmax(model_path: Path) -> bytes:
+    """The ONNX model with softmax, argmax and max-probability appended (outputs ``mask`` uint8, ``confidence``)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    m = onnx.load(str(model_path))
+    g = m.graph
+    logits = g.output[0].name
+    axes = helper.make_tensor("ls_axes", TensorProto.INT64, [1], [1])
+    g.initializer.append(axes)
+    g.node.extend(
+        [
+            helper.make_node("Softmax", [logits], ["ls_probs"], axis=1),
+            helper.make_node("ReduceMax", ["ls_probs", "ls_axes"], ["confidence"], keepdims=0),
+            helper.make_node("ArgMax", [logits], ["ls_argmax"], axis=1, keepdims=0),
+            helper.make_node("Cast", ["ls_argmax"], ["mask"], to=TensorProto.UINT8),
+        ]
+    )
+    del g.output[:]
+    g.output.extend(
+        [
+            helper.make_tensor_value_info("mask", TensorProto.UINT8, ["batch", "height", "width"]),
+            helper.make_tensor_value_info("confidence", TensorProto.FLOAT, ["batch", "height", "width"]),
+        ]
+    )
+    onnx.checker.check_model(m)
+    return m.SerializeToString()
+
+
+def _postprocess_small(mask: np.ndarray, conf: np.ndarray, meta: imageio.Meta) -> tuple[np.ndarray, np.ndarray]:
+    """Argmax taken in the graph at network scale: crop, then nearest (mask) / bilinear (confidence) up."""
+    import cv2
+
+    h, w = meta.work_hw
+    oh, ow = meta.orig_hw
+    mask = cv2.resize(np.ascontiguousarray(mask[:h, :w]), (ow, oh), interpolation=cv2.INTER_NEAREST)
+    conf = cv2.resize(np.ascontiguousarray(conf[:h, :w]), (ow, oh), interpolation=cv2.INTER_LINEAR)
+    return mask, conf
+
+
+def tune_benchmark(
+    model_path: Path,
+    images_dir: Path,
+    size: tuple[int, int] | None,
+    out_dir: Path,
+    threads: list[int],
+    warmup: int = 3,
+    repeat: int = 20,
+) -> list[dict[str, Any]]:
+    """Measure the ONNX Runtime session choices one by one on the CPU, at batch 1; write ``tune.jsonl``.
+
+    Each record is one choice (``option``, ``value``) with ``images_per_s``, ``p50_ms`` and ``p95_ms`` of a
+    full serving call (inference plus turning its output into a mask and a confidence at the image's size),
+    everything else at the default. Options: intra-op ``threads``; graph ``optimization`` level; thread
+    ``spinning``; ``postprocess`` (``host``: logits resized bilinearly then softmax/argmax in NumPy, as the
+    predictor does; ``graph``: softmax/argmax/max appended to the graph, the small mask resized nearest —
+    its ``agreement`` with ``host`` is the fraction of pixels with the same class); and ``first_call_ms``
+    at a new input shape against a warmed one (why buckets with a warm-up matter).
+    """
+    images_dir = Path(images_dir)
+    names = [rel for _, rel in zip(range(8), imageio.list_images(images_dir), strict=False)]
+    if not names:
+        raise ValueError(f"{images_dir}: no images found; pass --images a folder of JPEG/PNG images.")
+    raw = [imageio.read_image(images_dir / rel) for rel in names]
+    if size is not None:
+        raw = [imageio.resize_image(img, (size[1], size[0])) for img in raw]
+    base = OnnxModel(Path(model_path), threads=max(threads), device="cpu")
+    prepared = [imageio.prepare(img, base.pp) for img in raw]
+    common = {
+        "model": str(model_path),
+        "commit": git_commit(),
+        "cpu": cpu_description(),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "input_hw": list(prepared[0][1].pad_hw),
+        "image_hw": list(prepared[0][1].orig_hw),
+    }
+    records: list[dict[str, Any]] = []
+
+    def serve_host(m: OnnxModel) -> Callable[[], Any]:
+        state = {"i": 0}
+
+        def run() -> Any:
+            x, meta = prepared[state["i"] % len(prepared)]
+            state["i"] += 1
+            return imageio.logits_to_mask(m.logits(x[None])[0], meta)
+
+        return run
+
+    def add(option: str, value: Any, run: Callable[[], Any], **extra: Any) -> None:
+        res = summarize(time_runs(run, warmup, repeat), 1)
+        rec = {"option": option, "value": value, **res, **extra, **common}
+        records.append(rec)
+        log.info("tune %s=%s: %s", option, value, res)
+
+    top = max(threads)
+    for t in threads:
+        add("threads", t, serve_host(OnnxModel(Path(model_path), threads=t, device="cpu")), threads=t)
+    for level in ("disable", "basic", "extended", "all"):
+        m = OnnxModel(Path(model_path), threads=top, device="cpu", optimization=level)
+        add("optimization", level, serve_host(m), threads=top)
+    for spin in (True, False):
+        m = OnnxModel(Path(model_path), threads=top, device="cpu", spinning=spin)
+        add("spinning", spin, serve_host(m), threads=top)
+
+    # postprocess in the graph or on the host
+    import onnxruntime as ort
+
+    from labelsmart.predictor import session_options
+
+    graph_sess = ort.InferenceSession(
+        _with_argmax(Path(model_path)), sess_options=session_options(top), providers=["CPUExecutionProvider"]
+    )
+    state = {"i": 0}
+
+    def serve_graph() -> Any:
+        x, meta = prepared[state["i"] % len(prepared)]
+        state["i"] += 1
+        mask, conf = graph_sess.run(["mask", "confidence"], {base.input_name: x[None]})
+        return _postprocess_small(mask[0], conf[0], meta)
+
+    agree = []
+    for x, meta in prepared:
+        host_mask, _ = imageio.logits_to_mask(base.logits(x[None])[0], meta)
+        mask, conf = graph_sess.run(["mask", "confidence"], {base.input_name: x[None]})
+        agree.append(float(np.mean(_postprocess_small(mask[0], conf[0], meta)[0] == host_mask)))
+    add("postprocess", "host", serve_host(base), threads=top, agreement=1.0)
+    add("postprocess", "graph", serve_graph, threads=top, agreement=round(float(np.mean(agree)), 5))
+
+    # first call at a new shape against a warmed shape
+    fresh = OnnxModel(Path(model_path), threads=top, device="cpu")
+    x0 = prepared[0][0][None]
+    t0 = time.perf_counter()
+    fresh.logits(x0)
+    first = (time.perf_counter() - t0) * 1000.0
+    warm = summarize(time_runs(lambda: fresh.logits(x0), 1, 5), 1)["p50_ms"]
+    odd = np.zeros((1, 3, x0.shape[2] + 32, x0.shape[3] + 64), np.float32)
+    t0 = time.perf_counter()
+    fresh.logits(odd)
+    new_shape = (time.perf_counter() - t0) * 1000.0
+    records.append(
+        {
+            "option": "first_call_ms",
+            "value": "session start",
+            "p50_ms": round(first, 3),
+            "warm_p50_ms": warm,
+            "new_shape_ms": round(new_shape, 3),
+            "threads": top,
+            **common,
+        }
+    )
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    imageio.atomic_write_bytes(out_dir / TUNE_NAME, "".join(json.dumps(r) + "\n" for r in records).encode())
+    return records
+
+
+def format_tune(records: list[dict[str, Any]]) -> str:
+    """A table of :func:`tune_benchmark` records."""
+    lines = [f"{'option':<14} {'value':<14} {'img/s':>8} {'p50 ms':>8} {'p95 ms':>8}  note"]
+    for r in records:
+        if r["option"] == "first_call_ms":
+            lines.append(
+                f"{'first call':<14} {'':<14} {'':>8} {r['p50_ms']:>8.1f} {'':>8}  warmed {r['warm_p50_ms']:.1f} "
+                f"ms, new shape {r['new_shape_ms']:.1f} ms"
+            )
+            continue
+        note = f"agreement {r['agreement']:.4f}" if "agreement" in r else ""
+        lines.append(
+            f"{r['option']:<14} {r['value']!s:<14} {r['images_per_s']:>8.2f} {r['p50_ms']:>8.2f} "
+            f"{r['p95_ms']:>8.2f}  {note}"
+        )
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------- machine's limit
+
+
+def flops_per_image(checkpoint: Path, input_hw: tuple[int, int]) -> float:
+    """Floating-point operations (multiply and add counted apart) of one forward pass at ``input_hw``,
+    counted by ``torch.utils.flop_counter`` on the checkpoint's network."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from labelsmart.model import load_checkpoint
+
+    model, _ = load_checkpoint(checkpoint, map_location="cpu")
+    model.eval()
+    counter = FlopCounterMode(display=False)
+    with torch.inference_mode(), counter:
+        model(torch.zeros(1, 3, *input_hw))
+    return float(counter.get_total_flops())
+
+
+def peak_flops(threads: int, n: int = 1536, repeat: int = 5) -> float:
+    """Measured float32 FLOP/s of a large matrix product (``n`` x ``n`` x ``n``) with ``threads`` threads:
+    the practical ceiling of these cores for dense math."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        a = torch.randn(n, n)
+        b = torch.randn(n, n)
+        times = time_runs(lambda: torch.mm(a, b), 1, repeat)
+    finally:
+        torch.set_num_threads(before)
+    return 2.0 * n**3 / float(np.median(times))
+
+
+# --------------------------------------------------------------------------------- batch pre-annotation
+
+
+PREANNOTATE_NAME = "preannotate.jsonl"
+
+
+def preannotate_benchmark(
+    model_path: Path,
+    images_dir: Path,
+    out_dir: Path,
+    batch: int,
+    threads: int,
+    io_threads: int,
+    limit: int | None = None,
+    device: str = "cpu",
+    overlays: bool = True,
+) -> dict[str, Any]:
+    """End-to-end ``preannotate`` throughput against pure inference throughput, same model, batch and threads.
+
+    Pure inference: the model alone on inputs prepared beforehand (the first 32 images), in batches of
+    ``batch``, three passes, the median. End to end: the streaming pipeline of :mod:`labelsmart.batch` on
+    every image of the folder (or the first ``limit``), reading, decoding, inferring, encoding and writing
+    masks, overlays and the manifest into ``out_dir/preannotations`` (emptied first).
+    """
+    import shutil
+
+    from labelsmart import batch as batchmod
+
+    images_dir = Path(images_dir)
+    rels = list(imageio.list_images(images_dir))
+    if limit:
+        rels = rels[:limit]
+    if not rels:
+        raise ValueError(f"{images_dir}: no images found; pass --images a folder of JPEG/PNG images.")
+    n_threads = int(threads or os.cpu_count() or 1)
+    model = OnnxModel(Path(model_path), threads=n_threads, device=device)
+    sample = []
+    for rel in rels:
+        if len(sample) == 32:
+            break
+        try:
+            sample.append(imageio.prepare(imageio.read_image(images_dir / rel), model.pp))
+        except imageio.ImageError:
+            continue  # the end-to-end run reports it
+    if not sample:
+        raise ValueError(f"{images_dir}: no readable images; pass --images a folder of JPEG/PNG images.")
+    groups: dict[tuple[int, int], list[np.ndarray]] = {}
+    for x, meta in sample:
+        groups.setdefault(meta.pad_hw, []).append(x)
+    batches = [np.stack(xs[i : i + batch]) for xs in groups.values() for i in range(0, len(xs), batch)]
+    model.logits(batches[0])  # warm-up
+    passes = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for xb in batches:
+            model.logits(xb)
+        passes.append(len(sample) / (time.perf_counter() - t0))
+    inference_ips = float(np.median(passes))
+
+    target = Path(out_dir) / "preannotations"
+    shutil.rmtree(target, ignore_errors=True)
+    target.mkdir(parents=True)
+    journal = batchmod.Journal(target, overwrite=True)
+    failed = 0
+
+    def on_outcome(o: batchmod.Outcome) -> None:
+        nonlocal failed
+        if o.record is not None:
+            journal.record(o.record)
+        else:
+            failed += 1
+
+    t0 = time.perf_counter()
+    batchmod.run_local(
+        model, images_dir, target, rels, on_outcome, batch=batch, io_threads=io_threads, overlays=overlays
+    )
+    journal.close()
+    seconds = time.perf_counter() - t0
+    e2e_ips = (len(rels) - failed) / seconds
+    rec = {
+        "images": len(rels),
+        "failed": failed,
+        "batch": batch,
+        "threads": n_threads,
+        "io_threads": io_threads,
+        "overlays": overlays,
+        "providers": list(model.providers),
+        "inference_images_per_s": round(inference_ips, 3),
+        "end_to_end_images_per_s": round(e2e_ips, 3),
+        "end_to_end_seconds": round(seconds, 2),
+        "e2e_over_inference": round(e2e_ips / inference_ips, 4),
+        "peak_rss_mb": round(_peak_rss_mb(), 1),
+        "model": str(model_path),
+        "commit": git_commit(),
+        "cpu": cpu_description(),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    }
+    with open(Path(out_dir) / PREANNOTATE_NAME, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(rec) + "\n")
+    return rec
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -461,6 +462,33 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
     )
     print(bench.format_table(records))
     print(f"results: {Path(args.out) / bench.RESULTS_NAME}")
+    if args.checkpoint is not None:
+        # How far from the machine's limit: work per image against what a large matrix product achieves.
+        hw = tuple(records[0]["input_hw"])
+        flops = bench.flops_per_image(Path(args.checkpoint), hw)
+        ort1 = next(r for r in records if r["engine"] == "onnxruntime" and r["batch"] == min(batches))
+        if ort1["device"] == "cpu":
+            peak = bench.peak_flops(ort1["threads"])
+            achieved = flops * ort1["images_per_s"]
+            print(
+                f"model: {flops / 1e9:.2f} GFLOP per {hw[0]}x{hw[1]} input; ONNX Runtime at batch {ort1['batch']} "
+                f"achieves {achieved / 1e9:.1f} GFLOP/s of a measured {peak / 1e9:.1f} GFLOP/s float32 matrix-product "
+                f"peak on {ort1['threads']} threads ({100 * achieved / peak:.0f} %)"
+            )
+        else:
+            print(f"model: {flops / 1e9:.2f} GFLOP per {hw[0]}x{hw[1]} input")
+    if args.tune:
+        tune = bench.tune_benchmark(
+            model,
+            images,
+            size,
+            Path(args.out),
+            sorted({1, args.threads or os.cpu_count() or 1}),
+            args.warmup,
+            args.repeat,
+        )
+        print(bench.format_tune(tune))
+        print(f"tuning: {Path(args.out) / bench.TUNE_NAME}")
     ratio = bench.ort_over_torch(records)
     print(f"ort_over_torch={'n/a' if ratio is None else f'{ratio:.2f}'}")
     return EXIT_OK
@@ -559,6 +587,37 @@ def cmd_bench_label_efficiency(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_bench_preannotate(args: argparse.Namespace) -> int:
+    """Batch pre-annotation end to end against pure inference on the same machine."""
+    from labelsmart import bench
+
+    if not Path(args.model).is_file():
+        raise CliError(f"{args.model}: model file not found; pass --model an exported .onnx file.")
+    if not Path(args.images).is_dir():
+        raise CliError(f"{args.images}: not a folder; pass --images a folder of images.")
+    if args.batch < 1 or args.io_threads < 1 or args.threads < 0:
+        raise CliError("--batch and --io-threads must be 1 or more, --threads 0 (all cores) or more.")
+    rec = bench.preannotate_benchmark(
+        Path(args.model),
+        Path(args.images),
+        Path(args.out),
+        args.batch,
+        args.threads,
+        args.io_threads,
+        args.limit,
+        device=args.device,
+        overlays=args.overlays,
+    )
+    print(
+        f"{rec['images']} images: end to end {rec['end_to_end_images_per_s']:.2f} images/s, pure inference "
+        f"{rec['inference_images_per_s']:.2f} images/s (batch {rec['batch']}, {rec['threads']} threads, "
+        f"{rec['io_threads']} I/O threads), peak RSS {rec['peak_rss_mb']:.0f} MB"
+    )
+    print(f"results: {Path(args.out) / bench.PREANNOTATE_NAME}")
+    print(f"e2e_over_inference={rec['e2e_over_inference']:.3f}")
+    return EXIT_OK
+
+
 # ------------------------------------------------------------------------------------------------ parser
 
 
@@ -647,7 +706,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--size", default="480x360", help="resize images to WIDTHxHEIGHT first (default 480x360)")
     s.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="inference device (default cpu)")
     s.add_argument("--out", required=True, help="output folder for serve.jsonl (overwritten)")
+    s.add_argument("--tune", action="store_true", help="also measure ONNX Runtime session choices one by one (CPU)")
     s.set_defaults(func=cmd_bench_serve)
+    pa = bsub.add_parser("preannotate", help="batch pre-annotation end to end against pure inference")
+    pa.add_argument("--model", required=True, help="exported .onnx file (its sidecar .json beside it)")
+    pa.add_argument("--images", required=True, help="folder of images (500+ for a fair figure)")
+    pa.add_argument("--out", required=True, help="output folder (preannotations/ is emptied first)")
+    pa.add_argument("--batch", type=int, default=4, help="images per inference run (default 4)")
+    pa.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (default all cores)")
+    pa.add_argument("--io-threads", dest="io_threads", type=int, default=2, help="decode/write threads (default 2)")
+    pa.add_argument("--limit", type=int, help="only the first N images")
+    pa.add_argument("--no-overlays", dest="overlays", action="store_false", help="masks only")
+    pa.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="inference device (default cpu)")
+    pa.set_defaults(func=cmd_bench_preannotate)
     lp = bsub.add_parser("loop", help="the annotation loop: a simulated annotator with the background trainer")
     lp.add_argument("--pool", required=True, help="folder (images/, masks/, splits.json, classes.json) to label from")
     lp.add_argument("--pool-split", dest="pool_split", default="train", help="split the annotator labels from")

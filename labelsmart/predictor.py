@@ -96,6 +96,33 @@ def _providers_for(device: str) -> list[str | tuple[str, dict[str, str]]]:
 
 _ORT_LOG_LOCK = threading.Lock()
 
+OPT_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+def session_options(threads: int | None, optimization: str = "all", spinning: bool = True) -> ort.SessionOptions:
+    """ONNX Runtime session options as labelsmart uses them (each choice measured by ``bench serve --tune``).
+
+    Args:
+        threads: intra-op threads (None or 0 = all cores); inter-op stays 1 (the graph is one chain).
+        optimization: graph optimisation level: ``disable``, ``basic``, ``extended`` or ``all`` (constant
+            folding, Conv+BN/activation fusion and, on x86, the NCHWc layout for convolutions).
+        spinning: intra-op threads spin between operators instead of sleeping; faster when ONNX Runtime
+            has the cores to itself, slower when other threads (decoding, a UI) need them.
+    """
+    if optimization not in OPT_LEVELS:
+        raise ValueError(f"optimization {optimization!r}: use one of {', '.join(OPT_LEVELS)}.")
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = int(threads or os.cpu_count() or 1)
+    opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = OPT_LEVELS[optimization]
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    return opts
+
 
 def _create_session(
     path: Path, opts: ort.SessionOptions, providers: list[str | tuple[str, dict[str, str]]], quiet: bool
@@ -124,6 +151,7 @@ class OnnxModel:
         device: ``auto`` (CUDA where it loads, else CPU), ``cuda`` (the same, with a warning on fallback) or
             ``cpu``.
         version: the version to report instead of the sidecar's (the registry's number wins).
+        optimization, spinning: see :func:`session_options`.
 
     Raises:
         FileNotFoundError: the ``.onnx`` file is missing.
@@ -131,7 +159,13 @@ class OnnxModel:
     """
 
     def __init__(
-        self, path: Path, threads: int | None = None, device: str = "auto", version: int | None = None
+        self,
+        path: Path,
+        threads: int | None = None,
+        device: str = "auto",
+        version: int | None = None,
+        optimization: str = "all",
+        spinning: bool = True,
     ) -> None:
         self.path = Path(path)
         if not self.path.is_file():
@@ -149,10 +183,7 @@ class OnnxModel:
             std=tuple(float(v) for v in self.sidecar["std"]),
         )
 
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = int(threads or os.cpu_count() or 1)
-        opts.inter_op_num_threads = 1
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts = session_options(threads, optimization, spinning)
         wanted = _providers_for(device)
         try:
             self.session = _create_session(self.path, opts, wanted, quiet=device == "auto")

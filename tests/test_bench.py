@@ -112,11 +112,58 @@ def test_bench_serve_against_pytorch(tmp_path: Path, capsys: pytest.CaptureFixtu
     argv = ["bench", "serve", "--model", str(onnx_path), "--checkpoint", str(ckpt), "--images", str(images)]
     argv += ["--out", str(out), "--batch", "1", "--repeat", "3", "--warmup", "1", "--threads", "1"]
     assert main([*argv, "--size", "64x64"]) == 0
-    last = capsys.readouterr().out.strip().splitlines()[-1]
+    lines = capsys.readouterr().out.strip().splitlines()
+    last = lines[-1]
     assert last.startswith("ort_over_torch=")
+    limit = next(line for line in lines if line.startswith("model: "))
+    assert "GFLOP per 64x64 input" in limit and "matrix-product peak on 1 threads" in limit
     assert float(last.split("=", 1)[1]) > 0
     recs = read_records(out)
     assert [(r["engine"], r["batch"]) for r in recs] == [("onnxruntime", 1), ("pytorch", 1)]
     for rec in recs:
         check_record(rec)
         assert rec["input_hw"] == [64, 64]
+
+
+def test_flops_scale_with_pixels(tmp_path: Path) -> None:
+    from labelsmart import bench, config
+    from labelsmart.config import ModelConfig
+    from labelsmart.model import build_model, save_checkpoint
+
+    ckpt = tmp_path / "m.pt"
+    save_checkpoint(ckpt, build_model(ModelConfig(), 3), config.Config(), CLASSES, version=1, step=0, metrics={})
+    small, large = bench.flops_per_image(ckpt, (64, 64)), bench.flops_per_image(ckpt, (128, 128))
+    assert small > 1e8  # a ResNet-18 DeepLabV3+ is far above 0.1 GFLOP even at 64x64
+    assert 3.8 < large / small < 4.2  # a convolutional network: work grows with the pixels
+
+
+def test_bench_serve_tune(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model = write_toy_model(tmp_path / "toy.onnx")
+    images = write_images(tmp_path / "imgs")
+    out = tmp_path / "bench"
+    argv = ["bench", "serve", "--model", str(model), "--images", str(images), "--out", str(out), "--tune"]
+    assert main([*argv, "--batch", "1", "--repeat", "2", "--warmup", "1", "--threads", "2", "--size", "64x48"]) == 0
+    assert "tuning: " in capsys.readouterr().out
+    recs = [json.loads(line) for line in (out / "tune.jsonl").read_text().splitlines()]
+    options = {(r["option"], str(r["value"])) for r in recs}
+    assert {("threads", "1"), ("threads", "2"), ("optimization", "disable"), ("optimization", "all")} <= options
+    assert {("spinning", "True"), ("spinning", "False"), ("postprocess", "host"), ("postprocess", "graph")} <= options
+    graph = next(r for r in recs if r["option"] == "postprocess" and r["value"] == "graph")
+    assert graph["agreement"] == 1.0  # no resize at this size: argmax in the graph must equal the host's
+    first = next(r for r in recs if r["option"] == "first_call_ms")
+    assert first["p50_ms"] > 0 and first["new_shape_ms"] > 0
+
+
+def test_bench_preannotate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model = write_toy_model(tmp_path / "toy.onnx")
+    images = write_images(tmp_path / "imgs", 5)
+    (images / "bad.png").write_bytes(b"nope")
+    out = tmp_path / "bench"
+    argv = ["bench", "preannotate", "--model", str(model), "--images", str(images), "--out", str(out)]
+    assert main([*argv, "--batch", "2", "--threads", "1", "--io-threads", "1"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("e2e_over_inference=")
+    rec = json.loads((out / "preannotate.jsonl").read_text())
+    assert rec["images"] == 6 and rec["failed"] == 1
+    assert rec["inference_images_per_s"] > 0 and rec["end_to_end_images_per_s"] > 0 and rec["e2e_over_inference"] > 0
+    assert len(list((out / "preannotations").glob("im_*.png"))) == 5
+    assert len((out / "preannotations" / "manifest.jsonl").read_text().splitlines()) == 5
