@@ -75,6 +75,10 @@ class TriggerConfig:
     min_interval_s: float = 30.0  # at most one automatic round per interval ("Train now" ignores it)
     min_classes: int = 2  # a round needs labels of at least this many classes
     poll_s: float = 1.0
+    # Wall-clock caps of background rounds (training; export comes on top), used when train.max_round_seconds
+    # is 0: the first pre-annotation comes within ~3 min and later rounds stay bounded on a busy CPU.
+    first_round_seconds: float = 120.0
+    round_seconds: float = 240.0
 
 
 @dataclass(frozen=True)

@@ -204,6 +204,23 @@ class TrainerLoop:
             seconds_since_last_round=since,
         )
 
+    def round_config(self) -> Config:
+        """The configuration of the next background round: its wall-clock cap comes from the trigger settings
+        (``first_round_seconds`` before the first published version, then ``round_seconds``) unless
+        ``train.max_round_seconds`` is set. On an idle CPU the step counts end a round first; on a busy one
+        the cap does, with fewer steps.
+        """
+        import dataclasses
+
+        cfg = self.cfg
+        if cfg.train.max_round_seconds > 0:
+            return cfg
+        trig = cfg.trigger
+        cap = trig.round_seconds if self.store.latest_published() is not None else trig.first_round_seconds
+        if cap <= 0:
+            return cfg
+        return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_round_seconds=float(cap)))
+
     def recover(self) -> None:
         """Mark rounds that a dead trainer left 'training' as failed, and drop their temporary folders."""
         for m in self.store.models():
@@ -226,7 +243,7 @@ class TrainerLoop:
             self.write_status(force=stage != self.status.get("state"), state=stage, message=stage, **info)
 
         try:
-            row = run_one_round(self.cfg, self.store, progress=progress, should_stop=self._stop)
+            row = run_one_round(self.round_config(), self.store, progress=progress, should_stop=self._stop)
         except Exception as exc:  # noqa: BLE001 - any failure of a round is reported, never fatal
             log.error("training round failed: %s\n%s", exc, traceback.format_exc())
             msg = f"training round failed: {type(exc).__name__}: {exc}"

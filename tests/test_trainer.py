@@ -132,3 +132,31 @@ def test_trainer_exits_when_the_app_is_killed(tiny_cfg):
     while time.time() < deadline and pid_alive(trainer_pid):
         time.sleep(0.2)
     assert not pid_alive(trainer_pid), "the trainer outlived the app"
+
+
+def test_background_rounds_are_capped_in_time_unless_the_user_set_a_cap(tiny_cfg, monkeypatch):
+    import dataclasses
+
+    from labelsmart import trainer
+
+    store = open_project(tiny_cfg)
+    _label(store, store.images()[0].id, (0, 1))
+    caps = []
+
+    def fake_round(cfg, st, progress=None, **kw):
+        caps.append(cfg.train.max_round_seconds)
+        snap = st.snapshot()
+        version = st.begin_model(cfg.project_models_dir, snap)
+        st.publish_model(version, {})
+        return next(m for m in st.models() if m.version == version)
+
+    monkeypatch.setattr(trainer, "run_one_round", fake_round)
+    off = dataclasses.replace(tiny_cfg, active=dataclasses.replace(tiny_cfg.active, score=False))
+    loop = TrainerLoop(off, store)
+    assert loop.step() is True  # the first round: short, so the first pre-annotation comes soon
+    store.request("train_now")
+    assert loop.step() is True
+    assert caps == [off.trigger.first_round_seconds, off.trigger.round_seconds] == [120.0, 240.0]
+    mine = dataclasses.replace(off, train=dataclasses.replace(off.train, max_round_seconds=30.0))
+    store.request("train_now")
+    assert TrainerLoop(mine, store).step() is True and caps[-1] == 30.0
