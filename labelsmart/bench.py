@@ -187,6 +187,134 @@ def _bench_pytorch(
     return out
 
 
+# ------------------------------------------------------------------------------------------ GPU variants
+
+
+def export_fp16(checkpoint: Path, path: Path, device: str = "cuda") -> Path:
+    """The checkpoint's network in float16 (weights and input) as an ONNX file, for GPU serving."""
+    import torch
+
+    from labelsmart.export import _export
+    from labelsmart.model import load_checkpoint
+
+    model, _ = load_checkpoint(checkpoint, map_location=device)
+    model = model.half().eval()
+    example = torch.rand(1, 3, 256, 320, device=device, dtype=torch.float16)
+    with torch.inference_mode(False):
+        _export(model, Path(path), 18, example_input=example)
+    return Path(path)
+
+
+def gpu_variants(
+    model: OnnxModel,
+    checkpoint: Path | None,
+    inputs: np.ndarray,
+    batches: list[int],
+    warmup: int,
+    repeat: int,
+    work_dir: Path,
+    out: list[tuple[str, str, list[str], dict[int, dict[str, float]], dict[str, Any]]],
+) -> None:
+    """Serving choices that exist only on a GPU, each timed like the plain engines; appended to ``out`` as
+    ``(engine, device, providers, {batch: timings}, extra)`` one by one (what ran survives a later failure).
+
+    - ``onnxruntime-iobinding``: the float32 model with its input already on the GPU and its output left
+      there (I/O binding): the inference alone, without the host copies of the plain call.
+    - ``onnxruntime-fp16``: a float16 export of the checkpoint (with ``--checkpoint``), numpy in and out;
+      ``agreement`` is the fraction of pixels whose class equals the float32 model's.
+    - ``onnxruntime-fp16-iobinding``: the same with I/O binding.
+    - ``pytorch-fp16``: eager PyTorch with float16 weights and input.
+    """
+    import onnxruntime as ort
+
+    from labelsmart.predictor import _providers_for, session_options
+
+    def iobinding(sess: ort.InferenceSession, x: np.ndarray) -> Callable[[], Any]:
+        value = ort.OrtValue.ortvalue_from_numpy(x, "cuda", 0)
+        binding = sess.io_binding()
+        binding.bind_ortvalue_input(sess.get_inputs()[0].name, value)
+        binding.bind_output(sess.get_outputs()[0].name, "cuda")
+        return lambda: sess.run_with_iobinding(binding)
+
+    def timed(make: Callable[[np.ndarray], Callable[[], Any]]) -> dict[int, dict[str, float]]:
+        return {b: summarize(time_runs(make(np.ascontiguousarray(inputs[:b])), warmup, repeat), b) for b in batches}
+
+    out.append(
+        ("onnxruntime-iobinding", "cuda", list(model.providers), timed(lambda x: iobinding(model.session, x)), {})
+    )
+    # cuDNN's exhaustive algorithm search (ONNX Runtime's default) against the heuristic the predictor uses:
+    # faster per call at a known shape, slower at each new shape (first_call_ms).
+    exhaustive = ort.InferenceSession(
+        str(model.path),
+        sess_options=session_options(None),
+        providers=[("CUDAExecutionProvider", {"cudnn_conv_algo_search": "EXHAUSTIVE"}), "CPUExecutionProvider"],
+    )
+    x1 = np.ascontiguousarray(inputs[:1])
+    t0 = time.perf_counter()
+    exhaustive.run(None, {model.input_name: x1})
+    first_exh = (time.perf_counter() - t0) * 1000.0
+    fresh = ort.InferenceSession(str(model.path), sess_options=session_options(None), providers=_providers_for("cuda"))
+    t0 = time.perf_counter()
+    fresh.run(None, {model.input_name: x1})
+    first_heur = (time.perf_counter() - t0) * 1000.0
+    out.append(
+        (
+            "onnxruntime-exhaustive",
+            "cuda",
+            list(exhaustive.get_providers()),
+            timed(lambda x: lambda: exhaustive.run(None, {model.input_name: x})),
+            {"first_call_ms": round(first_exh, 1), "heuristic_first_call_ms": round(first_heur, 1)},
+        )
+    )
+    if checkpoint is None:
+        return
+    fp16_path = export_fp16(Path(checkpoint), Path(work_dir) / "model-fp16.onnx")
+    sess = ort.InferenceSession(str(fp16_path), sess_options=session_options(None), providers=_providers_for("cuda"))
+    name_in, name_out = sess.get_inputs()[0].name, sess.get_outputs()[0].name
+    half = inputs.astype(np.float16)
+    ref = model.logits(inputs[:1]).argmax(axis=1)
+    got = sess.run([name_out], {name_in: half[:1]})[0].argmax(axis=1)
+    extra = {"agreement": round(float(np.mean(ref == got)), 5)}
+    out.append(
+        (
+            "onnxruntime-fp16",
+            "cuda",
+            list(sess.get_providers()),
+            timed(lambda x: lambda xh=x.astype(np.float16): sess.run([name_out], {name_in: xh})),
+            extra,
+        )
+    )
+    out.append(
+        (
+            "onnxruntime-fp16-iobinding",
+            "cuda",
+            list(sess.get_providers()),
+            timed(lambda x: iobinding(sess, x.astype(np.float16))),
+            extra,
+        )
+    )
+
+    import torch
+
+    from labelsmart.model import load_checkpoint
+
+    net, _ = load_checkpoint(Path(checkpoint), map_location="cuda")
+    net = net.half().eval()
+
+    def torch_half(x: np.ndarray) -> Callable[[], Any]:
+        xt = torch.from_numpy(x.astype(np.float16))
+
+        def run() -> Any:
+            with torch.inference_mode():
+                y = net(xt.to("cuda")).float().cpu().numpy()
+            torch.cuda.synchronize()
+            return y
+
+        return run
+
+    out.append(("pytorch-fp16", "cuda", [], timed(torch_half), {}))
+
+
 # ------------------------------------------------------------------------------------------------ public
 
 
@@ -264,6 +392,17 @@ def serve_benchmark(
         )
         results.append(("pytorch", device, [], torch_res))
 
+    extras: dict[str, dict[str, Any]] = {}
+    if ort_device == "cuda" and device == "cuda":
+        variants: list[Any] = []
+        try:
+            gpu_variants(model, checkpoint, inputs, batches, warmup, repeat, Path(out_dir), variants)
+        except Exception:  # noqa: BLE001 - the plain engines' numbers stand; say which variant broke
+            log.exception("a GPU serving variant failed after %s", [v[0] for v in variants])
+        for engine, dev, providers, res, extra in variants:
+            results.append((engine, dev, providers, res))
+            extras[engine] = extra
+
     common = {
         "threads": n_threads,
         "input_hw": input_hw,
@@ -273,7 +412,15 @@ def serve_benchmark(
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
     records = [
-        {"engine": engine, "device": dev, "providers": providers, "batch": b, **res[b], **common}
+        {
+            "engine": engine,
+            "device": dev,
+            "providers": providers,
+            "batch": b,
+            **res[b],
+            **extras.get(engine, {}),
+            **common,
+        }
         for engine, dev, providers, res in results
         for b in batches
     ]
@@ -287,11 +434,11 @@ def serve_benchmark(
 
 def format_table(records: list[dict[str, Any]]) -> str:
     """A small fixed-width table of benchmark records."""
-    head = f"{'engine':<12} {'device':<6} {'batch':>5} {'img/s':>9} {'p50 ms':>9} {'p95 ms':>9} {'threads':>7}  input"
+    head = f"{'engine':<26} {'device':<6} {'batch':>5} {'img/s':>9} {'p50 ms':>9} {'p95 ms':>9} {'threads':>7}  input"
     lines = [head]
     for r in records:
         lines.append(
-            f"{r['engine']:<12} {r['device']:<6} {r['batch']:>5} {r['images_per_s']:>9.2f} {r['p50_ms']:>9.2f} "
+            f"{r['engine']:<26} {r['device']:<6} {r['batch']:>5} {r['images_per_s']:>9.2f} {r['p50_ms']:>9.2f} "
             f"{r['p95_ms']:>9.2f} {r['threads']:>7}  {r['input_hw'][0]}x{r['input_hw'][1]}"
         )
     return "\n".join(lines)

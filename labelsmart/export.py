@@ -47,13 +47,17 @@ def _fsync(path: Path) -> None:
         os.fsync(fh.fileno())
 
 
-def _export(model: SegModel, path: Path, opset: int) -> str:
+def _export(model: SegModel, path: Path, opset: int, example_input: torch.Tensor | None = None) -> str:
     """Write ``model.forward`` to ``path``; dynamo exporter first, the TorchScript one if that fails.
+
+    Args:
+        example_input: the tracing input (default a float32 CPU tensor); its dtype and device must match the
+            model's (a float16 model on a GPU takes a float16 GPU tensor).
 
     Returns:
         The exporter used: ``"dynamo"`` or ``"torchscript"``.
     """
-    example = (torch.rand(*PARITY_SHAPES[0]),)
+    example = (example_input if example_input is not None else torch.rand(*PARITY_SHAPES[0]),)
     try:
         batch = torch.export.Dim("batch", min=1, max=1024)
         height = torch.export.Dim("height", min=32, max=8192)

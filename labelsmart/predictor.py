@@ -85,10 +85,27 @@ def _frozen(mask: np.ndarray, conf: np.ndarray, version: int) -> Prediction:
     return Prediction(mask=mask, confidence=conf, version=version, mean_confidence=float(conf.mean()))
 
 
+_PRELOADED = False
+
+
+def _preload_cuda_libraries() -> None:
+    """Let ONNX Runtime find CUDA and cuDNN in the ``nvidia-*`` pip packages (as PyTorch's CUDA build
+    installs them) when no system-wide CUDA is on the library path; only where an NVIDIA GPU is present."""
+    global _PRELOADED
+    if _PRELOADED or not os.path.exists("/dev/nvidiactl") or not hasattr(ort, "preload_dlls"):
+        return
+    _PRELOADED = True
+    try:
+        ort.preload_dlls()
+    except Exception as exc:  # noqa: BLE001 - a system CUDA may still work; the session says what loaded
+        log.debug("onnxruntime.preload_dlls failed: %s", exc)
+
+
 def _providers_for(device: str) -> list[str | tuple[str, dict[str, str]]]:
     """Execution providers to ask for: CUDA first (when wanted and built in), then CPU."""
     wanted: list[str | tuple[str, dict[str, str]]] = []
     if device != "cpu" and "CUDAExecutionProvider" in ort.get_available_providers():
+        _preload_cuda_libraries()
         wanted.append(("CUDAExecutionProvider", dict(CUDA_OPTIONS)))
     wanted.append("CPUExecutionProvider")
     return wanted
@@ -228,6 +245,32 @@ class OnnxModel:
         return self.session.run([self.output_name], {self.input_name: batch})[0]
 
     _run = logits
+
+    def input_shape(self, height: int, width: int) -> tuple[int, int]:
+        """The padded network input ``(Hp, Wp)`` of an image of this size (its shape bucket)."""
+        work = imageio.working_size(height, width, self.pp.max_side)
+        return imageio.padded_size(work[0], work[1], self.pp.pad_multiple)
+
+    def warm_up(self, image_sizes: Iterable[tuple[int, int]], buckets: int = 2) -> list[tuple[int, int]]:
+        """Run the model once at the input shapes of the most common image sizes, so that the first real
+        prediction at each does not pay for ONNX Runtime's first-run setup at that shape (memory planning,
+        and on CUDA cuDNN's algorithm choice).
+
+        Args:
+            image_sizes: ``(H, W)`` of the images to be served (one per image; repeats count).
+            buckets: how many of the most common input shapes to warm.
+
+        Returns:
+            The input shapes warmed, most common first.
+        """
+        counts: dict[tuple[int, int], int] = {}
+        for h, w in image_sizes:
+            shape = self.input_shape(int(h), int(w))
+            counts[shape] = counts.get(shape, 0) + 1
+        shapes = sorted(counts, key=lambda s: -counts[s])[: max(0, buckets)]
+        for hp, wp in shapes:
+            self.logits(np.zeros((1, 3, hp, wp), np.float32))
+        return shapes
 
     def predict(self, image: np.ndarray) -> Prediction:
         """Predict one RGB uint8 ``(H, W, 3)`` image."""
@@ -377,6 +420,12 @@ class Predictor:
                         row.version,
                         row.version,
                     )
+                try:  # before the swap, so no annotator waits for a first run
+                    t0 = time.perf_counter()
+                    warmed = model.warm_up((im.height, im.width) for im in self.store.images())
+                    log.info("model v%d warmed up at %s in %.2f s", row.version, warmed, time.perf_counter() - t0)
+                except Exception:  # noqa: BLE001 - a failed warm-up only costs the first prediction time
+                    log.warning("model v%d: warm-up failed", row.version, exc_info=True)
                 with self._swap_lock:
                     self._model = model
                 log.info("serving model v%d on %s", row.version, ", ".join(model.providers))

@@ -323,3 +323,23 @@ def test_cached_prediction_is_fast_at_480x360(tmp_path: Path) -> None:
         f"disk hit {1e3 * disk:.1f} ms (fresh predictor incl. session {1e3 * (t1 - t0):.1f} ms)"
     )
     assert memory < 0.2 and disk < 0.2
+
+
+def test_new_version_is_warmed_up_at_the_projects_input_shapes(
+    project: tuple[Store, config.Config, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store, cfg, models = project
+    seen: list[tuple[int, ...]] = []
+    real = OnnxModel.logits
+
+    def spy(self: OnnxModel, batch: np.ndarray) -> np.ndarray:
+        seen.append(tuple(batch.shape))
+        return real(self, batch)
+
+    monkeypatch.setattr(OnnxModel, "logits", spy)
+    _publish(store, models, 1)  # max_side 64, pad multiple 8
+    pred = Predictor(store, cfg)
+    assert pred.version == 1
+    # a.png 40x60 -> input 40x64; b.png 30x30 -> 32x32: both warmed before anything was asked
+    assert sorted(seen) == [(1, 3, 32, 32), (1, 3, 40, 64)]
+    assert pred.model is not None and pred.model.warm_up([(40, 60)] * 3 + [(30, 30)], buckets=1) == [(40, 64)]

@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# GPU checks, for a machine with an NVIDIA GPU and PyTorch already installed (the H100/H200 image of the
+# device tool): installs the carried packages, trains on CUDA through the trainer's code and exports,
+# times ONNX Runtime (CUDA provider) against PyTorch on CUDA, times `preannotate` end to end, runs the
+# label-efficiency benchmark with a GPU budget, then the CPU numbers on two pinned cores.
+#
+#   bash scripts/gpu_check.sh DATA OUT
+#
+# DATA holds camvid/ in the shared layout (a copy of ../shared/data/camvid); OUT receives the log and the
+# result files. Carried packages: wheels in .whl/ (segmentation_models_pytorch, pycocotools) and
+# onnxruntime-gpu as an xz'd tar split in parts, already gathered in /tmp/ortc/ (it is larger than one
+# transfer). Each stage has its own time limit, and a failing stage does not stop the next.
+# Knobs for a dry run on a CPU machine: LS_DEVICE=cpu LS_STEPS=4 LS_LE_STEPS=2 LS_QUICK=1.
+set -uo pipefail
+DATA=${1:?usage: gpu_check.sh DATA OUT}
+OUT=${2:?usage: gpu_check.sh DATA OUT}
+DEVICE=${LS_DEVICE:-cuda}
+STEPS=${LS_STEPS:-300}
+LE_ARGS=${LS_LE_ARGS:---n-labeled 5,20 --labels scribble --rows labelsmart,ce-only --minutes 0.5}
+QUICK=${LS_QUICK:-0}
+R30=30; R15=15; [ "$QUICK" = 1 ] && R30=2 && R15=2
+mkdir -p "$OUT"
+exec > >(tee -a "$OUT/log.txt") 2>&1
+export PYTHONUNBUFFERED=1 GRADIO_ANALYTICS_ENABLED=False
+export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+T0=$(date +%s)
+stage() { echo; echo "=== [$(($(date +%s) - T0)) s] $*"; }
+work=$(mktemp -d)
+
+stage "machine"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
+echo "cpus: $(nproc)"; python3 -V; git rev-parse --short HEAD 2>/dev/null || true
+
+stage "packages"
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+fi
+if ls /tmp/ortc/part.* >/dev/null 2>&1 && [ ! -d /tmp/site/onnxruntime ]; then
+  cat /tmp/ortc/part.* | xz -d -T0 | tar -x -C /tmp/site
+fi
+python3 - <<'EOF'
+import onnxruntime as ort, segmentation_models_pytorch as smp, torch
+print("torch", torch.__version__, "CUDA", torch.version.cuda, "GPU", torch.cuda.is_available() and torch.cuda.get_device_name(0))
+print("onnxruntime", ort.__version__, ort.get_available_providers(), "smp", smp.__version__)
+EOF
+
+stage "train on $DEVICE: 20 CamVid train images, their masks imported, $STEPS steps, then export"
+python3 - "$DATA/camvid" "$work/cv20" <<'EOF'
+import json, os, sys
+src, dst = sys.argv[1], sys.argv[2]
+os.makedirs(f"{dst}/images"); os.makedirs(f"{dst}/masks")
+names = json.load(open(f"{src}/splits.json"))["train"][::18][:20]
+for n in names:
+    os.symlink(f"{os.path.abspath(src)}/images/{n}.jpg", f"{dst}/images/{n}.jpg")
+    os.symlink(f"{os.path.abspath(src)}/masks/{n}.png", f"{dst}/masks/{n}.png")
+os.symlink(f"{os.path.abspath(src)}/classes.json", f"{dst}/classes.json")
+print(len(names), "images")
+EOF
+# 936 images for the end-to-end runs: every CamVid frame twice, in two folders (links, no copies)
+mkdir -p "$work/many/a" "$work/many/b"
+for f in "$DATA"/camvid/images/*; do ln -s "$(realpath "$f")" "$work/many/a/"; ln -s "$(realpath "$f")" "$work/many/b/"; done
+echo "$(ls "$work/many/a" | wc -l) images x 2"
+timeout 240 python3 -m labelsmart train --dataset "$work/cv20" --import-masks "$work/cv20/masks" --workdir "$work/w" \
+  --models-dir "$work/models" --device "$DEVICE" --steps "$STEPS" 2>&1 | grep -v "DEBUG" | tail -8
+MODEL=$(ls "$work"/models/*/v0001/model.onnx 2>/dev/null | head -1)
+CKPT=${MODEL%.onnx}.pt
+echo "model: $MODEL"
+
+if [ -n "$MODEL" ]; then
+  stage "serve on $DEVICE: ONNX Runtime against PyTorch, batch 1, 8, 32"
+  timeout 240 python3 -m labelsmart bench serve --model "$MODEL" --checkpoint "$CKPT" \
+    --images "$DATA/camvid/images" --batch 1,8,32 --device "$DEVICE" --repeat $R30 --out "$work/serve" 2>&1 |
+    grep -v "DEBUG" | tail -16
+  cp "$work/serve/serve.jsonl" "$OUT/serve-$DEVICE.jsonl" 2>/dev/null
+
+  stage "preannotate end to end on $DEVICE (936 images: every CamVid frame twice)"
+  limit=""; [ "$QUICK" = 1 ] && limit="--limit 20"
+  timeout 180 python3 -m labelsmart bench preannotate --model "$MODEL" --images "$work/many" \
+    --out "$work/pre" --device "$DEVICE" --batch 8 --io-threads 8 $limit 2>&1 | grep -v "DEBUG" | tail -4
+fi
+
+stage "label efficiency on $DEVICE: $LE_ARGS"
+timeout 300 python3 -m labelsmart bench label-efficiency --pool "$DATA/camvid" --pool-split train --eval-split val \
+  --device "$DEVICE" $LE_ARGS --out "$work/le" 2>&1 | grep -v "DEBUG" | tail -20
+mkdir -p "$OUT/le"
+cp "$work"/le/results.jsonl "$work"/le/*.md "$work"/le/*.png "$OUT/le/" 2>/dev/null
+
+if [ -n "$MODEL" ]; then
+  stage "CPU, two pinned cores: serve with --tune, preannotate end to end"
+  timeout 150 taskset -c 0,1 python3 -m labelsmart bench serve --model "$MODEL" --checkpoint "$CKPT" \
+    --images "$DATA/camvid/images" --batch 1,8 --device cpu --threads 2 --repeat $R15 --tune --out "$work/cpu" 2>&1 |
+    grep -v "DEBUG" | tail -22
+  cat "$work/cpu/serve.jsonl" "$work/cpu/tune.jsonl" > "$OUT/cpu-serve-tune.jsonl" 2>/dev/null
+  limit=""; [ "$QUICK" = 1 ] && limit="--limit 20"
+  timeout 120 taskset -c 0,1 python3 -m labelsmart bench preannotate --model "$MODEL" --images "$work/many" \
+    --out "$work/pre" --device cpu --batch 4 --threads 2 --io-threads 2 $limit 2>&1 | grep -v "DEBUG" | tail -4
+  cp "$work/pre/preannotate.jsonl" "$OUT/preannotate.jsonl" 2>/dev/null
+fi
+stage "done"
