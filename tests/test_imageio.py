@@ -93,3 +93,21 @@ def test_list_images_skips_hidden_and_non_images(tmp_path: Path):
     for n in ("sub/b.TIF", "a.webp", "notes.txt"):
         (tmp_path / n).write_bytes(b"")
     assert [p.as_posix() for p in imageio.list_images(tmp_path)] == ["a.webp", "sub/b.TIF"]
+
+
+def test_confidence_is_the_winning_probability():
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(4, 16, 24)).astype(np.float32) * 3
+    meta = imageio.Meta(orig_hw=(16, 24), work_hw=(16, 24), pad_hw=(16, 24))
+    mask, conf = imageio.logits_to_mask(logits, meta)
+    probs = np.exp(logits) / np.exp(logits).sum(axis=0, keepdims=True)
+    np.testing.assert_array_equal(mask, probs.argmax(axis=0))
+    np.testing.assert_allclose(conf, probs.max(axis=0), rtol=1e-5)
+
+
+def test_overlay_blends_labelled_pixels_only():
+    img = np.full((2, 3, 3), 100, np.uint8)
+    mask = np.array([[0, 1, 255], [1, 0, 255]], np.uint8)
+    out = imageio.overlay(img, mask, [(200, 0, 0), (0, 0, 50)], alpha=0.5)
+    assert out[0, 0].tolist() == [150, 50, 50] and out[0, 1].tolist() == [50, 50, 75]
+    assert out[0, 2].tolist() == [100, 100, 100] and out[1, 2].tolist() == [100, 100, 100]
