@@ -193,9 +193,9 @@ def run_ray(
         )
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False
-        ds = ray.data.from_items(
-            [{"rel": r.as_posix()} for r in todo], override_num_blocks=max(1, len(todo) // batch_size)
-        )
+        # enough blocks to keep every CPU busy, few enough that a million paths are not a million tasks
+        blocks = max(1, min(len(todo) // batch_size, 16 * cpus))
+        ds = ray.data.from_items([{"rel": r.as_posix()} for r in todo], override_num_blocks=blocks)
         ds = ds.map_batches(
             _read_batch, batch_size=batch_size, batch_format="numpy", fn_kwargs={"images": str(images), "pp": probe.pp}
         )

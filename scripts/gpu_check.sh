@@ -72,6 +72,16 @@ if [ -n "$MODEL" ]; then
     --images "$DATA/camvid/images" --batch 1,8,32 --device "$DEVICE" --repeat $R30 --out "$work/serve" 2>&1 |
     grep -v "DEBUG" | tail -16
   cp "$work/serve/serve.jsonl" "$OUT/serve-$DEVICE.jsonl" 2>/dev/null
+  python3 - "$MODEL" <<'EOF'
+import sys, onnxruntime as ort
+ort.preload_dlls() if hasattr(ort, "preload_dlls") else None
+want = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+try:
+    s = ort.InferenceSession(sys.argv[1], providers=[p for p in want if p in ort.get_available_providers()])
+    print("TensorRT probe: session providers", s.get_providers())
+except Exception as exc:
+    print("TensorRT probe failed:", str(exc).splitlines()[0][:300])
+EOF
 
   stage "preannotate end to end on $DEVICE (936 images: every CamVid frame twice)"
   limit=""; [ "$QUICK" = 1 ] && limit="--limit 20"
