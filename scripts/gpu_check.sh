@@ -63,6 +63,12 @@ echo "$(ls "$work/many/a" | wc -l) images x 2"
 timeout 240 python3 -m labelsmart train --dataset "$work/cv20" --import-masks "$work/cv20/masks" --workdir "$work/w" \
   --models-dir "$work/models" --device "$DEVICE" --steps "$STEPS" 2>&1 | grep -v "DEBUG" | tail -8
 MODEL=$(ls "$work"/models/*/v0001/model.onnx 2>/dev/null | head -1)
+if [ -z "$MODEL" ]; then  # keep the serving stages alive: a few CPU steps give a model to time
+  stage "training on $DEVICE failed; 20 CPU steps instead, for the serving stages"
+  timeout 180 python3 -m labelsmart train --dataset "$work/cv20" --workdir "$work/w" --models-dir "$work/models" \
+    --device cpu --steps 20 2>&1 | grep -v "DEBUG" | tail -4
+  MODEL=$(ls "$work"/models/*/v000*/model.onnx 2>/dev/null | tail -1)
+fi
 CKPT=${MODEL%.onnx}.pt
 echo "model: $MODEL"
 
