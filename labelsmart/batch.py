@@ -222,6 +222,7 @@ def run_local(
     batch: int = 4,
     io_threads: int = 2,
     overlays: bool = True,
+    postprocess: str = "host",
 ) -> None:
     """Pre-annotate ``todo`` (paths relative to ``images``) with ``model``, overlapping decode, inference and
     writes; calls ``on_outcome`` in this thread once per image as it finishes (not necessarily in order).
@@ -229,14 +230,21 @@ def run_local(
     Decoding runs up to ``3 * batch`` images ahead of inference, inputs wait for a full batch of their padded
     size, and at most ``3 * batch`` images are being written, so memory stays flat. A batch that fails is
     retried image by image, so one bad image fails alone.
+
+    ``postprocess``: ``host`` turns logits into masks in the I/O threads (:func:`finish_item`); ``graph``
+    does it inside ONNX Runtime (:meth:`~labelsmart.predictor.OnnxModel.masks`), the winner on a GPU, where
+    the host would otherwise resize every class's logits; images then batch by padded, working and
+    original size together.
     """
+    if postprocess not in ("host", "graph"):
+        raise ValueError(f"postprocess {postprocess!r}: use host or graph.")
     info = ModelInfo.of(model)
     pp = model.pp
     lookahead = max(3 * batch, 2 * io_threads)
     max_writes = max(3 * batch, 2 * io_threads)
     reads: deque[Future[Item]] = deque()
     writes: deque[tuple[Path, Future[dict[str, Any]]]] = deque()
-    groups: dict[tuple[int, int], list[Item]] = {}
+    groups: dict[tuple[Any, ...], list[Item]] = {}
     paths = iter(todo)
     cv2.setNumThreads(1)  # the pipeline's threads are the parallelism; OpenCV's own pool would oversubscribe
 
@@ -254,22 +262,34 @@ def run_local(
         while len(writes) > limit or (writes and writes[0][1].done()):
             finish_write(*writes.popleft())
 
+    def run(x: np.ndarray, meta: imageio.Meta) -> list[Any]:
+        if postprocess == "graph":
+            masks, confs = model.masks(x, meta)
+            return list(zip(masks, confs, strict=True))
+        return list(model.logits(x))
+
     def infer(items: list[Item]) -> None:
+        meta = items[0].meta
+        assert meta is not None
         try:
-            logits = model.logits(np.stack([it.x for it in items]))
-            results: list[np.ndarray | Exception] = list(logits)
+            results: list[Any] = run(np.stack([it.x for it in items]), meta)
         except Exception:  # noqa: BLE001 - find the image that breaks the batch, keep the others
             results = []
             for it in items:
                 try:
-                    results.append(model.logits(it.x[None])[0])
+                    results.append(run(it.x[None], meta)[0])
                 except Exception as exc:  # noqa: BLE001
                     results.append(exc)
         for it, res in zip(items, results, strict=True):
             if isinstance(res, Exception):
                 on_outcome(Outcome(it.rel, error=INFERENCE_FAILED.format(" ".join(str(res).split()))))
                 continue
-            writes.append((it.rel, pool.submit(finish_item, out, it, res, info, overlays)))
+            if postprocess == "graph":
+                assert it.image is not None
+                job = pool.submit(write_outputs, out, it.rel, it.image, res[0], res[1], info, overlays)
+            else:
+                job = pool.submit(finish_item, out, it, res, info, overlays)
+            writes.append((it.rel, job))
         drain(max_writes)
 
     with ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="preannotate-io") as pool:
@@ -289,14 +309,23 @@ def run_local(
                 on_outcome(Outcome(item.rel, error=item.error))
                 continue
             assert item.meta is not None
-            group = groups.setdefault(item.meta.pad_hw, [])
+            key = item.meta if postprocess == "graph" else item.meta.pad_hw
+            group = groups.setdefault(key, [])
             group.append(item)
             if len(group) >= batch:
-                infer(groups.pop(item.meta.pad_hw))
+                infer(groups.pop(key))
             drain(max_writes)
         for shape in list(groups):
             infer(groups.pop(shape))
         drain(0)
+
+
+def choose_postprocess(choice: str, providers: Sequence[str]) -> str:
+    """``auto`` -> ``graph`` where the model runs on CUDA (measured: the host cannot keep up with the GPU),
+    ``host`` on the CPU (exactly the predictor's path); ``host``/``graph`` stay as given."""
+    if choice == "auto":
+        return "graph" if "CUDAExecutionProvider" in providers else "host"
+    return choice
 
 
 # ------------------------------------------------------------------------------------------------- journal

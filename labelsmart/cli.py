@@ -305,6 +305,7 @@ def cmd_preannotate(args: argparse.Namespace) -> int:
                 batch=args.batch,
                 io_threads=args.io_threads,
                 overlays=args.overlays,
+                postprocess=batch.choose_postprocess(args.postprocess, model.providers),
             )
     finally:
         journal.close()
@@ -607,11 +608,12 @@ def cmd_bench_preannotate(args: argparse.Namespace) -> int:
         args.limit,
         device=args.device,
         overlays=args.overlays,
+        postprocess=args.postprocess,
     )
     print(
         f"{rec['images']} images: end to end {rec['end_to_end_images_per_s']:.2f} images/s, pure inference "
         f"{rec['inference_images_per_s']:.2f} images/s (batch {rec['batch']}, {rec['threads']} threads, "
-        f"{rec['io_threads']} I/O threads), peak RSS {rec['peak_rss_mb']:.0f} MB"
+        f"{rec['io_threads']} I/O threads, {rec['postprocess']} post-processing), peak RSS {rec['peak_rss_mb']:.0f} MB"
     )
     print(f"results: {Path(args.out) / bench.PREANNOTATE_NAME}")
     print(f"e2e_over_inference={rec['e2e_over_inference']:.3f}")
@@ -682,6 +684,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="local (this machine) or ray (a Ray cluster; pip install -r requirements-ray.txt)",
     )
     a.add_argument("--address", help="Ray cluster address (default: start a local Ray instance)")
+    a.add_argument(
+        "--postprocess",
+        choices=("auto", "host", "graph"),
+        default="auto",
+        help="logits to masks on the host or inside ONNX Runtime (auto: graph on CUDA, host on the CPU)",
+    )
     a.set_defaults(func=cmd_preannotate)
 
     v = sub.add_parser("evaluate", help="mIoU of an ONNX model on a labelled split")
@@ -718,6 +726,7 @@ def build_parser() -> argparse.ArgumentParser:
     pa.add_argument("--limit", type=int, help="only the first N images")
     pa.add_argument("--no-overlays", dest="overlays", action="store_false", help="masks only")
     pa.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="inference device (default cpu)")
+    pa.add_argument("--postprocess", choices=("auto", "host", "graph"), default="auto", help="see preannotate")
     pa.set_defaults(func=cmd_bench_preannotate)
     lp = bsub.add_parser("loop", help="the annotation loop: a simulated annotator with the background trainer")
     lp.add_argument("--pool", required=True, help="folder (images/, masks/, splits.json, classes.json) to label from")

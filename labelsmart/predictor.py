@@ -113,6 +113,11 @@ def _providers_for(device: str) -> list[str | tuple[str, dict[str, str]]]:
 
 _ORT_LOG_LOCK = threading.Lock()
 
+
+def _source(model: Path | bytes) -> str | bytes:
+    return model if isinstance(model, bytes) else str(model)
+
+
 OPT_LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
     "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -142,7 +147,7 @@ def session_options(threads: int | None, optimization: str = "all", spinning: bo
 
 
 def _create_session(
-    path: Path, opts: ort.SessionOptions, providers: list[str | tuple[str, dict[str, str]]], quiet: bool
+    path: Path | bytes, opts: ort.SessionOptions, providers: list[str | tuple[str, dict[str, str]]], quiet: bool
 ) -> ort.InferenceSession:
     """Create an ONNX Runtime session, optionally muting its console errors while it tries the providers.
 
@@ -150,13 +155,79 @@ def _create_session(
     own messages about it are muted and the caller logs which providers it got.
     """
     if not quiet or len(providers) == 1:
-        return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+        return ort.InferenceSession(_source(path), sess_options=opts, providers=providers)
     with _ORT_LOG_LOCK:  # the default logger is process-wide
         ort.set_default_logger_severity(4)
         try:
-            return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+            return ort.InferenceSession(_source(path), sess_options=opts, providers=providers)
         finally:
             ort.set_default_logger_severity(2)  # ONNX Runtime's default (warnings)
+
+
+def with_postprocess(model_bytes: bytes, output_name: str) -> bytes:
+    """The model with labelsmart's post-processing appended, to run where the model runs (on the GPU).
+
+    Extra inputs ``crop_hw`` and ``out_hw`` (int64, 2 values each: the working size inside the padding and
+    the image's own size) give two more outputs: ``mask`` (uint8, ``(B, H, W)``), the argmax of the cropped
+    logits resized bilinearly to the image's size, and ``confidence`` (float32, ``(B, H, W)``), the winning
+    probability at working scale resized the same way: what :func:`labelsmart.imageio.logits_to_mask` does
+    on the host, so only the small results cross back to the host.
+    """
+    import onnx
+    from onnx import TensorProto, helper
+
+    m = onnx.load_from_string(model_bytes)
+    g = m.graph
+    g.input.extend(
+        [
+            helper.make_tensor_value_info("crop_hw", TensorProto.INT64, [2]),
+            helper.make_tensor_value_info("out_hw", TensorProto.INT64, [2]),
+        ]
+    )
+    g.initializer.extend(
+        [
+            helper.make_tensor("ls_zeros2", TensorProto.INT64, [2], [0, 0]),
+            helper.make_tensor("ls_axes23", TensorProto.INT64, [2], [2, 3]),
+            helper.make_tensor("ls_axis1", TensorProto.INT64, [1], [1]),
+            helper.make_tensor("ls_0", TensorProto.INT64, [1], [0]),
+            helper.make_tensor("ls_2", TensorProto.INT64, [1], [2]),
+        ]
+    )
+
+    def resize_to_image(src: str, dst: str) -> list[onnx.NodeProto]:
+        return [
+            helper.make_node("Shape", [src], [f"{dst}_shape"]),
+            helper.make_node("Slice", [f"{dst}_shape", "ls_0", "ls_2"], [f"{dst}_bk"]),
+            helper.make_node("Concat", [f"{dst}_bk", "out_hw"], [f"{dst}_sizes"], axis=0),
+            helper.make_node(
+                "Resize",
+                [src, "", "", f"{dst}_sizes"],
+                [dst],
+                mode="linear",
+                coordinate_transformation_mode="half_pixel",
+            ),
+        ]
+
+    g.node.extend(
+        [
+            helper.make_node("Slice", [output_name, "ls_zeros2", "crop_hw", "ls_axes23"], ["ls_crop"]),
+            *resize_to_image("ls_crop", "ls_up"),
+            helper.make_node("ArgMax", ["ls_up"], ["ls_argmax"], axis=1, keepdims=0),
+            helper.make_node("Cast", ["ls_argmax"], ["mask"], to=TensorProto.UINT8),
+            helper.make_node("Softmax", ["ls_crop"], ["ls_probs"], axis=1),
+            helper.make_node("ReduceMax", ["ls_probs", "ls_axis1"], ["ls_pmax"], keepdims=1),
+            *resize_to_image("ls_pmax", "ls_cup"),
+            helper.make_node("Squeeze", ["ls_cup", "ls_axis1"], ["confidence"]),
+        ]
+    )
+    g.output.extend(
+        [
+            helper.make_tensor_value_info("mask", TensorProto.UINT8, ["batch", "out_h", "out_w"]),
+            helper.make_tensor_value_info("confidence", TensorProto.FLOAT, ["batch", "out_h", "out_w"]),
+        ]
+    )
+    onnx.checker.check_model(m)
+    return m.SerializeToString()
 
 
 class OnnxModel:
@@ -202,6 +273,9 @@ class OnnxModel:
 
         opts = session_options(threads, optimization, spinning)
         wanted = _providers_for(device)
+        self._options, self._wanted = opts, wanted
+        self._post_session: ort.InferenceSession | None = None
+        self._post_lock = threading.Lock()
         try:
             self.session = _create_session(self.path, opts, wanted, quiet=device == "auto")
         except Exception as exc:  # ORT raises its own exception types (InvalidProtobuf, Fail, ...)
@@ -278,6 +352,32 @@ class OnnxModel:
         logits = self._run(x[None])  # (1, K, Hp, Wp)
         mask, conf = imageio.logits_to_mask(logits[0], meta)
         return _frozen(mask, conf, self.version)
+
+    def masks(self, batch: np.ndarray, meta: imageio.Meta) -> tuple[np.ndarray, np.ndarray]:
+        """Masks and confidences of a prepared batch whose images share one :class:`~imageio.Meta`, with the
+        post-processing run inside ONNX Runtime (see :func:`with_postprocess`): on a GPU only the small
+        results come back to the host.
+
+        Returns:
+            ``(mask (B, H, W) uint8, confidence (B, H, W) float32)`` at the images' own size.
+        """
+        with self._post_lock:
+            if self._post_session is None:
+                self._post_session = _create_session(
+                    with_postprocess(self.path.read_bytes(), self.output_name),
+                    self._options,
+                    self._wanted,
+                    quiet=True,
+                )
+        mask, conf = self._post_session.run(
+            ["mask", "confidence"],
+            {
+                self.input_name: batch,
+                "crop_hw": np.asarray(meta.work_hw, np.int64),
+                "out_hw": np.asarray(meta.orig_hw, np.int64),
+            },
+        )
+        return mask, np.clip(conf, 0.0, 1.0)
 
     def predict_batch(self, images: Sequence[np.ndarray]) -> list[Prediction]:
         """Predict several images; those of the same padded size share one run. Order is kept."""

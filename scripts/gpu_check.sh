@@ -2,7 +2,7 @@
 # GPU checks, for a machine with an NVIDIA GPU and PyTorch already installed (the H100/H200 image of the
 # device tool): installs the carried packages, trains on CUDA through the trainer's code and exports,
 # times ONNX Runtime (CUDA provider) against PyTorch on CUDA, times `preannotate` end to end, runs the
-# label-efficiency benchmark with a GPU budget, then the CPU numbers on two pinned cores.
+# label-efficiency benchmark with a GPU budget, and with LS_CPU=1 the CPU numbers on two pinned cores.
 #
 #   bash scripts/gpu_check.sh DATA OUT
 #
@@ -10,13 +10,14 @@
 # result files. Carried packages: wheels in .whl/ (segmentation_models_pytorch, pycocotools) and
 # onnxruntime-gpu as an xz'd tar split in parts, already gathered in /tmp/ortc/ (it is larger than one
 # transfer). Each stage has its own time limit, and a failing stage does not stop the next.
-# Knobs for a dry run on a CPU machine: LS_DEVICE=cpu LS_STEPS=4 LS_LE_STEPS=2 LS_QUICK=1.
+# Knobs: LS_LE=0 skips the label-efficiency stage, LS_CPU=1 adds the CPU stage; for a dry run on a CPU
+# machine: LS_DEVICE=cpu LS_STEPS=4 LS_QUICK=1 LS_LE_ARGS="--n-labeled 2 --labels scribble --rows labelsmart --steps 2".
 set -uo pipefail
 DATA=${1:?usage: gpu_check.sh DATA OUT}
 OUT=${2:?usage: gpu_check.sh DATA OUT}
 DEVICE=${LS_DEVICE:-cuda}
 STEPS=${LS_STEPS:-300}
-LE_ARGS=${LS_LE_ARGS:---n-labeled 5,20 --labels scribble --rows labelsmart,ce-only --minutes 0.5}
+LE_ARGS=${LS_LE_ARGS:---n-labeled 5,20 --labels scribble --rows labelsmart,ce-only --minutes 0.5 --threads 8}
 QUICK=${LS_QUICK:-0}
 R30=30; R15=15; [ "$QUICK" = 1 ] && R30=2 && R15=2
 mkdir -p "$OUT"
@@ -76,7 +77,7 @@ if [ -n "$MODEL" ]; then
   stage "serve on $DEVICE: ONNX Runtime against PyTorch, batch 1, 8, 32"
   timeout 240 python3 -m labelsmart bench serve --model "$MODEL" --checkpoint "$CKPT" \
     --images "$DATA/camvid/images" --batch 1,8,32 --device "$DEVICE" --repeat $R30 --out "$work/serve" 2>&1 |
-    grep -v "DEBUG" | tail -16
+    grep -v "DEBUG" | tail -60
   cp "$work/serve/serve.jsonl" "$OUT/serve-$DEVICE.jsonl" 2>/dev/null
   python3 - "$MODEL" <<'EOF'
 import sys, onnxruntime as ort
@@ -91,17 +92,21 @@ EOF
 
   stage "preannotate end to end on $DEVICE (936 images: every CamVid frame twice)"
   limit=""; [ "$QUICK" = 1 ] && limit="--limit 20"
-  timeout 180 python3 -m labelsmart bench preannotate --model "$MODEL" --images "$work/many" \
-    --out "$work/pre" --device "$DEVICE" --batch 8 --io-threads 8 $limit 2>&1 | grep -v "DEBUG" | tail -4
+  for post in host graph; do
+    timeout 180 python3 -m labelsmart bench preannotate --model "$MODEL" --images "$work/many" --out "$work/pre" \
+      --device "$DEVICE" --batch 8 --io-threads 12 --postprocess $post $limit 2>&1 | grep -v "DEBUG" | tail -4
+  done
 fi
 
+if [ "${LS_LE:-1}" = 1 ]; then
 stage "label efficiency on $DEVICE: $LE_ARGS"
 timeout 300 python3 -m labelsmart bench label-efficiency --pool "$DATA/camvid" --pool-split train --eval-split val \
   --device "$DEVICE" $LE_ARGS --out "$work/le" 2>&1 | grep -v "DEBUG" | tail -20
 mkdir -p "$OUT/le"
 cp "$work"/le/results.jsonl "$work"/le/*.md "$work"/le/*.png "$OUT/le/" 2>/dev/null
+fi
 
-if [ -n "$MODEL" ]; then
+if [ -n "$MODEL" ] && [ "${LS_CPU:-0}" = 1 ]; then
   stage "CPU, two pinned cores: serve with --tune, preannotate end to end"
   timeout 150 taskset -c 0,1 python3 -m labelsmart bench serve --model "$MODEL" --checkpoint "$CKPT" \
     --images "$DATA/camvid/images" --batch 1,8 --device cpu --threads 2 --repeat $R15 --tune --out "$work/cpu" 2>&1 |

@@ -195,3 +195,29 @@ def test_cli_address_needs_ray_engine(tmp_path: Path, capsys: pytest.CaptureFixt
     argv = ["preannotate", "--model", str(model), "--images", str(tmp_path / "imgs"), "--out", str(tmp_path / "o")]
     assert main([*argv, "--address", "ray://x:10001"]) == 1
     assert "add --engine ray" in capsys.readouterr().err
+
+
+def test_postprocessing_in_the_graph_matches_the_host(tmp_path: Path) -> None:
+    """The masks ONNX Runtime makes (post-processing appended to the graph) are the host's masks."""
+    model = OnnxModel(write_toy_model(tmp_path / "m" / "toy.onnx", max_side=32), threads=1, device="cpu")
+    images = tmp_path / "imgs"
+    rels = write_images(images, 6, [(48, 64), (60, 40), (20, 30)])  # down-scaled, and one kept as is
+    outs = {}
+    for mode in ("host", "graph"):
+        rec = Recorder()
+        batch.run_local(model, images, tmp_path / mode, rels, rec, batch=2, postprocess=mode)
+        assert all(o.error is None for o in rec.outcomes) and len(rec.records) == 6
+        outs[mode] = rec.records
+    for rel in rels:
+        img = imageio.read_image(images / rel)
+        x, meta = imageio.prepare(img, model.pp)
+        host_mask, host_conf = imageio.logits_to_mask(model.logits(x[None])[0], meta)
+        mask, conf = model.masks(x[None], meta)
+        assert mask.shape == (1, *img.shape[:2]) and mask.dtype == np.uint8
+        assert np.mean(mask[0] == host_mask) > 0.995
+        np.testing.assert_allclose(conf[0], host_conf, atol=2e-3)
+        written = imageio.read_mask(tmp_path / "graph" / rel.with_suffix(".png"))
+        np.testing.assert_array_equal(written, mask[0])
+        assert outs["graph"][rel.as_posix()]["classes_present"] == outs["host"][rel.as_posix()]["classes_present"]
+    assert batch.choose_postprocess("auto", ["CUDAExecutionProvider", "CPUExecutionProvider"]) == "graph"
+    assert batch.choose_postprocess("auto", ["CPUExecutionProvider"]) == "host"
