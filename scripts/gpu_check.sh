@@ -114,7 +114,7 @@ if [ -n "$MODEL" ] && [ "${LS_CPU:-0}" = 1 ]; then
   cat "$work/cpu/serve.jsonl" "$work/cpu/tune.jsonl" > "$OUT/cpu-serve-tune.jsonl" 2>/dev/null
   limit=""; [ "$QUICK" = 1 ] && limit="--limit 20"
   timeout 120 taskset -c 0,1 python3 -m labelsmart bench preannotate --model "$MODEL" --images "$work/many" \
-    --out "$work/pre" --device cpu --batch 4 --threads 2 --io-threads 2 $limit 2>&1 | grep -v "DEBUG" | tail -4
+    --out "$work/pre" --device cpu --batch 4 --threads 2 --io-threads 2 --limit 500 2>&1 | grep -v "DEBUG" | tail -4
   cp "$work/pre/preannotate.jsonl" "$OUT/preannotate.jsonl" 2>/dev/null
 fi
 stage "done"
