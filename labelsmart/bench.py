@@ -268,6 +268,7 @@ def gpu_variants(
     )
     if checkpoint is None:
         return
+    Path(work_dir).mkdir(parents=True, exist_ok=True)
     fp16_path = export_fp16(Path(checkpoint), Path(work_dir) / "model-fp16.onnx")
     sess = ort.InferenceSession(str(fp16_path), sess_options=session_options(None), providers=_providers_for("cuda"))
     name_in, name_out = sess.get_inputs()[0].name, sess.get_outputs()[0].name
