@@ -728,6 +728,7 @@ def plot(records: list[dict[str, Any]], path: Path) -> None:
         ax.minorticks_off()
         ax.set_xlabel("labelled images N")
         ax.set_ylabel("mIoU (%)")
+        ax.set_ylim(0, max(100 * r["miou"] for r in recs) + 8)  # from 0, so gaps look as big as they are
         ax.set_title(f"{pool_split} → {split}, {budget}", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
