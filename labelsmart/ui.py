@@ -423,18 +423,17 @@ SHORTCUTS_JS = """
   const keys = __KEYS__;
   const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
   const q = (sel) => document.querySelector(sel);
+  const swatches = () => document.querySelectorAll("#ls-editor button.color");
   async function pickClass(i) {
     const brush = q("#ls-editor button[aria-label='Brush']");
-    if (brush) { brush.click(); await sleep(60); }
-    document.activeElement && document.activeElement.blur();
-    let swatches = document.querySelectorAll("#ls-editor button.color");
-    if (!swatches.length) {
+    if (brush && !brush.classList.contains("highlight")) { brush.click(); await sleep(50); }
+    if (!swatches().length) {
       const color = q("#ls-editor button[aria-label='Color']");
-      if (color) { color.click(); await sleep(60); }
-      swatches = document.querySelectorAll("#ls-editor button.color");
+      if (color) color.click();
+      for (let t = 0; t < 40 && !swatches().length; t++) await sleep(50);  // the palette opens
     }
-    if (swatches[i]) swatches[i].click();
-    document.dispatchEvent(new KeyboardEvent("keydown", {key: "Escape", bubbles: true}));
+    const s = swatches();
+    if (s[i]) s[i].click();
   }
   document.addEventListener("keydown", (e) => {
     if (e.ctrlKey || e.metaKey || e.altKey || e.repeat) return;

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 
 import cv2
@@ -10,6 +11,10 @@ import numpy as np
 import pytest
 from conftest import CLASSES, write_dataset
 from test_ui import launch_app, stop_app
+
+from labelsmart import active
+from labelsmart.config import ActiveConfig
+from labelsmart.store import Store
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 FLAGS = [
@@ -68,11 +73,11 @@ def test_paint_save_and_see_preannotation(tmp_path: Path):
             page.click("#ls-editor button[aria-label='Brush']")
             page.keyboard.press("Escape")
             _stroke(page, img_box, 0.12)  # class 0 (sky), the default colour, across the top
-            page.click("#ls-editor button[aria-label='Color']")
-            page.locator("#ls-editor button.color").nth(1).click()  # class 1 (road)
-            page.keyboard.press("Escape")
+            page.mouse.click(5, 5)  # focus the page, then the shortcut "2" picks class 1 (road) as brush colour
+            page.keyboard.press("2")
+            page.wait_for_timeout(500)
             _stroke(page, img_box, 0.92)  # across the bottom
-            page.click("#ls-save")
+            page.keyboard.press("s")  # the Save shortcut
             page.wait_for_function(
                 "document.querySelector('#ls-save-msg').innerText.includes('Saved revision')", timeout=60_000
             )
@@ -91,12 +96,23 @@ def test_paint_save_and_see_preannotation(tmp_path: Path):
                 "document.querySelector('#ls-image-info').innerText.includes('frame_001')", timeout=60_000
             )
             page.wait_for_timeout(1000)
+            # "Next" opens the image model v1 is least sure of (once the trainer has scored the images).
+            probe = Store(tmp_path / "work" / "project.sqlite", image_root=tiny_dataset / "images")
+            deadline = time.time() + 60
+            while time.time() < deadline and len(probe.scores(1)) < 7:
+                time.sleep(0.5)
+            current = probe.image_id_by_path("frame_001.png")
+            expected = active.suggest(probe, ActiveConfig(), after=current)
+            assert expected is not None and expected.version == 1
+            suggested_name = probe.image(expected.image_id).path
             page.click("#ls-next")
             page.wait_for_function(
-                "document.querySelector('#ls-image-info').innerText.includes('frame_002')"
+                f"document.querySelector('#ls-image-info').innerText.includes('{suggested_name}')"
                 " && document.querySelector('#ls-overlay-info').innerText.includes('model v1')",
                 timeout=60_000,
             )
+            assert "least sure" in page.inner_text("#ls-why")
+            assert page.query_selector("#ls-uncertainty img") is not None
             page.click("#ls-accept")
             page.wait_for_function(
                 "document.querySelector('#ls-save-msg').innerText.includes('Pre-annotation copied')", timeout=60_000
@@ -117,12 +133,15 @@ def test_paint_save_and_see_preannotation(tmp_path: Path):
             page.wait_for_function(
                 "document.querySelector('#ls-save-msg').innerText.includes('Saved revision')", timeout=60_000
             )
+            page.keyboard.press("p")  # Previous goes back to where Next came from
+            page.wait_for_function(
+                "document.querySelector('#ls-image-info').innerText.includes('frame_001')", timeout=60_000
+            )
             page.screenshot(path=str(tmp_path / "page.png"))
             browser.close()
     finally:
         stop_app(proc)
     from labelsmart import config
-    from labelsmart.store import Store
 
     cfg = config.load({"dataset": str(tiny_dataset), "workdir": str(tmp_path / "work")}, env={})
     store = Store(cfg.db_path, image_root=cfg.image_root)
@@ -134,7 +153,7 @@ def test_paint_save_and_see_preannotation(tmp_path: Path):
     from labelsmart.predictor import OnnxModel
 
     model = OnnxModel(Path(store.latest_published().path).parent / "v0001" / "model.onnx", threads=1, device="cpu")
-    second = store.images()[2]
+    second = store.image(expected.image_id)
     predicted = model.predict(store.read_image(second.id)).mask
     assert predicted.shape == (H, W)
     accepted = store.current_label(second.id)
