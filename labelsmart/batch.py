@@ -292,9 +292,7 @@ def run_local(
             writes.append((it.rel, job))
         drain(max_writes)
 
-    with ThreadPoolExecutor(
-        max_workers=io_threads, thread_name_prefix="preannotate-io", initializer=_yield_to_inference
-    ) as pool:
+    with ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="preannotate-io") as pool:
 
         def fill() -> None:
             while len(reads) < lookahead:
@@ -328,20 +326,6 @@ def choose_postprocess(choice: str, providers: Sequence[str]) -> str:
     if choice == "auto":
         return "graph" if "CUDAExecutionProvider" in providers else "host"
     return choice
-
-
-IO_NICENESS = 10  # added to the I/O threads' nice value
-
-
-def _yield_to_inference() -> None:
-    """Lower this I/O thread's priority (Linux: threads have their own nice value), so that where cores are
-    few the inference threads are not preempted by decoding and encoding, which fill the gaps instead."""
-    if IO_NICENESS <= 0 or not hasattr(os, "setpriority"):
-        return
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), IO_NICENESS)
-    except OSError:
-        pass
 
 
 # ------------------------------------------------------------------------------------------------- journal

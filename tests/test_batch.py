@@ -221,24 +221,3 @@ def test_postprocessing_in_the_graph_matches_the_host(tmp_path: Path) -> None:
         assert outs["graph"][rel.as_posix()]["classes_present"] == outs["host"][rel.as_posix()]["classes_present"]
     assert batch.choose_postprocess("auto", ["CUDAExecutionProvider", "CPUExecutionProvider"]) == "graph"
     assert batch.choose_postprocess("auto", ["CPUExecutionProvider"]) == "host"
-
-
-def test_io_threads_yield_to_inference() -> None:
-    import os
-    import threading
-
-    if not hasattr(os, "setpriority"):
-        pytest.skip("no per-thread priorities on this platform")
-    seen = {}
-
-    def worker() -> None:
-        before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-        batch._yield_to_inference()
-        seen["delta"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) - before
-
-    mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-    t = threading.Thread(target=worker)
-    t.start()
-    t.join()
-    assert seen["delta"] == min(batch.IO_NICENESS, 19 - mine)
-    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == mine  # the inference thread keeps its own
