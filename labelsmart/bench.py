@@ -459,46 +459,6 @@ def ort_over_torch(records: list[dict[str, Any]], batch: int = 1) -> float | Non
 TUNE_NAME = "tune.jsonl"
 
 
-def _with_argmax(model_path: Path) -> bytes:
-    """The ONNX model with softmax, argmax and max-probability appended (outputs ``mask`` uint8, ``confidence``)."""
-    import onnx
-    from onnx import TensorProto, helper
-
-    m = onnx.load(str(model_path))
-    g = m.graph
-    logits = g.output[0].name
-    axes = helper.make_tensor("ls_axes", TensorProto.INT64, [1], [1])
-    g.initializer.append(axes)
-    g.node.extend(
-        [
-            helper.make_node("Softmax", [logits], ["ls_probs"], axis=1),
-            helper.make_node("ReduceMax", ["ls_probs", "ls_axes"], ["confidence"], keepdims=0),
-            helper.make_node("ArgMax", [logits], ["ls_argmax"], axis=1, keepdims=0),
-            helper.make_node("Cast", ["ls_argmax"], ["mask"], to=TensorProto.UINT8),
-        ]
-    )
-    del g.output[:]
-    g.output.extend(
-        [
-            helper.make_tensor_value_info("mask", TensorProto.UINT8, ["batch", "height", "width"]),
-            helper.make_tensor_value_info("confidence", TensorProto.FLOAT, ["batch", "height", "width"]),
-        ]
-    )
-    onnx.checker.check_model(m)
-    return m.SerializeToString()
-
-
-def _postprocess_small(mask: np.ndarray, conf: np.ndarray, meta: imageio.Meta) -> tuple[np.ndarray, np.ndarray]:
-    """Argmax taken in the graph at network scale: crop, then nearest (mask) / bilinear (confidence) up."""
-    import cv2
-
-    h, w = meta.work_hw
-    oh, ow = meta.orig_hw
-    mask = cv2.resize(np.ascontiguousarray(mask[:h, :w]), (ow, oh), interpolation=cv2.INTER_NEAREST)
-    conf = cv2.resize(np.ascontiguousarray(conf[:h, :w]), (ow, oh), interpolation=cv2.INTER_LINEAR)
-    return mask, conf
-
-
 def tune_benchmark(
     model_path: Path,
     images_dir: Path,
@@ -513,9 +473,9 @@ def tune_benchmark(
     Each record is one choice (``option``, ``value``) with ``images_per_s``, ``p50_ms`` and ``p95_ms`` of a
     full serving call (inference plus turning its output into a mask and a confidence at the image's size),
     everything else at the default. Options: intra-op ``threads``; graph ``optimization`` level; thread
-    ``spinning``; ``postprocess`` (``host``: logits resized bilinearly then softmax/argmax in NumPy, as the
-    predictor does; ``graph``: softmax/argmax/max appended to the graph, the small mask resized nearest —
-    its ``agreement`` with ``host`` is the fraction of pixels with the same class); and ``first_call_ms``
+    ``spinning``; ``postprocess`` (``host``: as the predictor does it, in NumPy/OpenCV; ``graph``: the same
+    steps appended to the graph, :meth:`~labelsmart.predictor.OnnxModel.masks`; its ``agreement`` with
+    ``host`` is the fraction of pixels with the same class); and ``first_call_ms``
     at a new input shape against a warmed one (why buckets with a warm-up matter).
     """
     images_dir = Path(images_dir)
@@ -563,27 +523,18 @@ def tune_benchmark(
         m = OnnxModel(Path(model_path), threads=top, device="cpu", spinning=spin)
         add("spinning", spin, serve_host(m), threads=top)
 
-    # postprocess in the graph or on the host
-    import onnxruntime as ort
-
-    from labelsmart.predictor import session_options
-
-    graph_sess = ort.InferenceSession(
-        _with_argmax(Path(model_path)), sess_options=session_options(top), providers=["CPUExecutionProvider"]
-    )
+    # post-processing in the graph (what preannotate --postprocess graph runs) or on the host
     state = {"i": 0}
 
     def serve_graph() -> Any:
         x, meta = prepared[state["i"] % len(prepared)]
         state["i"] += 1
-        mask, conf = graph_sess.run(["mask", "confidence"], {base.input_name: x[None]})
-        return _postprocess_small(mask[0], conf[0], meta)
+        return base.masks(x[None], meta)
 
     agree = []
     for x, meta in prepared:
         host_mask, _ = imageio.logits_to_mask(base.logits(x[None])[0], meta)
-        mask, conf = graph_sess.run(["mask", "confidence"], {base.input_name: x[None]})
-        agree.append(float(np.mean(_postprocess_small(mask[0], conf[0], meta)[0] == host_mask)))
+        agree.append(float(np.mean(base.masks(x[None], meta)[0][0] == host_mask)))
     add("postprocess", "host", serve_host(base), threads=top, agreement=1.0)
     add("postprocess", "graph", serve_graph, threads=top, agreement=round(float(np.mean(agree)), 5))
 
