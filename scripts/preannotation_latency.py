@@ -1,6 +1,6 @@
 """Server-side time to show a pre-annotation, as the UI's handler does it: a new image, then the same image again.
 
-    python scripts/preannotation_latency.py --workdir /tmp/loop-work/<run>/state --dataset ../shared/data/camvid \
+    python scripts/preannotation_latency.py --workdir exports/loop-work/<run>/state --dataset ../shared/data/camvid \
         --images 20 --threads 2
 
 Opens an existing project (for example one a ``bench loop`` run left behind), serves its newest published version
