@@ -275,10 +275,14 @@ def logits_to_mask(logits: np.ndarray, meta: Meta) -> tuple[np.ndarray, np.ndarr
     at a fraction of the cost of a softmax over every class at full size.
     """
     h, w = meta.work_hw
-    crop = np.ascontiguousarray(logits[:, :h, :w].transpose(1, 2, 0), dtype=np.float32)  # (h, w, K)
-    conf = crop - crop.max(axis=2, keepdims=True)
+    planes = np.asarray(logits[:, :h, :w], dtype=np.float32)  # (K, h, w)
+    # reductions across the class planes (axis 0) run plane by plane, vectorised: several times faster than
+    # reducing over a short last axis
+    conf = planes - planes.max(axis=0)
     np.exp(conf, out=conf)
-    conf = (1.0 / conf.sum(axis=2)).astype(np.float32)  # (h, w)
+    conf = conf.sum(axis=0)
+    np.reciprocal(conf, out=conf)  # (h, w)
+    crop = np.ascontiguousarray(planes.transpose(1, 2, 0))  # (h, w, K) for OpenCV
     oh, ow = meta.orig_hw
     if (oh, ow) != (h, w):
         crop = cv2.resize(crop, (ow, oh), interpolation=cv2.INTER_LINEAR)
