@@ -60,6 +60,15 @@ class TrainConfig:
     # both from one forward pass over two photometric views of batch_size // 2 crops (so a step costs what a
     # CE step over batch_size crops costs).
     contrastive_weight: float = 0.0
+    # Semi-supervised joint objective (0 = off; the paper's variant with pseudo-labels): once pseudo_after of
+    # the fine-tuning steps are done, each step also takes batch_size // 2 crops of unlabelled images (at most
+    # unlabelled_images of them, drawn once per round) in two views; their pixels the network predicts with
+    # probability >= pseudo_threshold join the labelled pixels in the pixel contrastive loss, weighted by
+    # pseudo_weight and added to the CE loss of the labelled crops. A step costs about two CE steps.
+    pseudo_weight: float = 0.0
+    pseudo_threshold: float = 0.9
+    pseudo_after: float = 0.3
+    unlabelled_images: int = 256
     device: str = "auto"  # auto | cpu | cuda
     threads: int = 0  # torch CPU threads (0 = all cores)
     seed: int = 0

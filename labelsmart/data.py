@@ -179,3 +179,37 @@ class LabelledSet(Dataset):
             "view2": torch.from_numpy(view2),
             "label": torch.from_numpy(label.astype(np.int64)),
         }
+
+
+class UnlabelledSet(Dataset):
+    """Unlabelled images at working scale for the semi-supervised objective (``train.pseudo_weight``).
+
+    Items are ``{"view1", "view2"}``: two photometric views ``(3, c, c) float32`` of one random scale / crop /
+    flip, the same augmentation as :class:`LabelledSet` without labels. The network's confident predictions
+    on the crop become its pseudo-labels during training.
+    """
+
+    def __init__(self, images: Sequence[np.ndarray], cfg: Config, seed: int | None = None) -> None:
+        """Resize the images to working scale once (``images``: RGB uint8 ``(H, W, 3)`` at any size)."""
+        self.crop = cfg.train.crop
+        self.mean = cfg.preprocess.mean
+        self.std = cfg.preprocess.std
+        self.seed = (cfg.train.seed if seed is None else seed) + 1  # not the labelled set's draws
+        self.fill = tuple(int(round(255 * m)) for m in self.mean)
+        self.items: list[np.ndarray] = []
+        for image in images:
+            size = imageio.working_size(image.shape[0], image.shape[1], cfg.preprocess.max_side)
+            self.items.append(imageio.resize_image(image, size))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, int(index)])
+        image = self.items[int(index) % len(self.items)]
+        every = np.zeros(image.shape[:2], dtype=np.uint8)  # all "labelled": any crop will do
+        image, _ = random_scale_crop_flip(image, every, self.crop, rng, self.fill)  # (c, c, 3)
+        return {
+            "view1": torch.from_numpy(imageio.normalize(photometric(image, rng), self.mean, self.std)),
+            "view2": torch.from_numpy(imageio.normalize(photometric(image, rng), self.mean, self.std)),
+        }

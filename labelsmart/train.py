@@ -26,8 +26,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Sampler
 
 from labelsmart import imageio, metrics
-from labelsmart.config import Config, PreprocessConfig, TrainConfig
-from labelsmart.data import LabelledSet, load_snapshot
+from labelsmart.config import IGNORE_INDEX, Config, PreprocessConfig, TrainConfig
+from labelsmart.data import LabelledSet, UnlabelledSet, load_snapshot
 from labelsmart.losses import masked_cross_entropy, sample_pixels, supervised_pixel_contrastive_loss
 from labelsmart.model import CheckpointError, SegModel, build_model, model_config_of, read_checkpoint, save_checkpoint
 from labelsmart.store import Snapshot, Store
@@ -123,6 +123,24 @@ def _sample_features(feats: Tensor, b_idx: Tensor, y: Tensor, x: Tensor, label_h
     top = f[b_idx, y0, x0] * (1 - wx) + f[b_idx, y0, x1] * wx  # (N, C)
     bottom = f[b_idx, y1, x0] * (1 - wx) + f[b_idx, y1, x1] * wx  # (N, C)
     return top * (1 - wy) + bottom * wy  # (N, C)
+
+
+def unlabelled_images(store: Store, labelled: set[int], limit: int, seed: int) -> list[np.ndarray]:
+    """Up to ``limit`` project images with no labels (a seeded draw, in path order), read at full size.
+
+    An image that cannot be read is skipped with a warning: it costs the round one unlabelled crop source,
+    not the round.
+    """
+    ids = [row.id for row in store.images() if row.id not in labelled and row.labelled_pixels == 0]
+    if len(ids) > limit:
+        ids = sorted(np.random.default_rng(seed).choice(ids, size=limit, replace=False).tolist())
+    images = []
+    for image_id in ids:
+        try:
+            images.append(store.read_image(image_id))
+        except (imageio.ImageError, OSError) as exc:
+            log.warning("unlabelled image %d skipped: %s", image_id, exc)
+    return images
 
 
 def _warm_start(model: SegModel, path: Path) -> None:
@@ -229,16 +247,36 @@ def run_round(
     del by_id
     batch_size = max(2, tc.batch_size)  # BatchNorm after global pooling (ASPP) needs two samples
     joint = tc.contrastive_weight > 0
-    if joint:  # two views of half the crops: a joint step sees batch_size images, as a CE step does
+    semi = tc.pseudo_weight > 0
+    if joint or semi:  # two views of half the crops: a joint step sees batch_size images, as a CE step does
         batch_size = max(1, batch_size // 2)
+    workers = min(4, max(0, (os.cpu_count() or 1) - 1)) if cuda else 0
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
         sampler=_EndlessSampler(len(dataset), tc.seed),
-        num_workers=min(4, max(0, (os.cpu_count() or 1) - 1)) if cuda else 0,
+        num_workers=workers,
         pin_memory=cuda,
     )
     batches = iter(loader)
+    unlabelled: Iterator[dict[str, Tensor]] | None = None
+    if semi:
+        pool = unlabelled_images(store, set(ids), tc.unlabelled_images, tc.seed)
+        if pool:
+            unlabelled = iter(
+                DataLoader(
+                    UnlabelledSet(pool, cfg),
+                    batch_size=batch_size,
+                    sampler=_EndlessSampler(len(pool), tc.seed + 1),
+                    num_workers=workers,
+                    pin_memory=cuda,
+                )
+            )
+            log.info("semi-supervised: %d unlabelled images", len(pool))
+        else:
+            log.info("semi-supervised objective off: every image of the project is labelled")
+        del pool
+    confident: list[float] = []  # share of unlabelled pixels confident enough to be pseudo-labels, per step
     log.info("round v%d: %d training, %d validation images, device %s", version, len(train_ids), len(val_ids), device)
 
     # ---- model
@@ -330,6 +368,12 @@ def run_round(
             group["lr"] = tc.lr * _lr_factor(done[stage], planned[stage])
         if stage == PRETRAIN:
             loss = _contrastive_step(model, batch, tc, generator, device, memory_format, autocast)
+        elif semi:
+            use_pseudo = unlabelled is not None and done[FINETUNE] >= round(planned[FINETUNE] * tc.pseudo_after)
+            ubatch = next(unlabelled) if use_pseudo and unlabelled is not None else None
+            loss, share = _semi_step(model, batch, ubatch, tc, generator, device, memory_format, autocast)
+            if share is not None:
+                confident.append(share)
         else:
             loss = (
                 _joint_step(model, batch, tc, generator, device, memory_format, autocast)
@@ -345,7 +389,7 @@ def run_round(
         fit_budget()
         report()
     _log_stage(FINETUNE, done, losses, time.monotonic() - stage_start)
-    del batches  # stops loader workers
+    del batches, unlabelled  # stops loader workers
 
     # ---- validation, through the predictor's preprocessing path
     val: dict[str, Any] = {"val_miou": None, "val_per_class_iou": None, "val_pixel_acc": None}
@@ -369,6 +413,9 @@ def run_round(
         "pretrain_steps": done[PRETRAIN],
         "finetune_steps": done[FINETUNE],
     }
+    if semi:
+        round_metrics["pseudo_steps"] = len(confident)
+        round_metrics["pseudo_confident_share"] = tail_mean(confident)
     path = Path(out_dir) / "model.pt"
     class_dicts = [{"id": c.id, "name": c.name, "color": list(c.color)} for c in classes]
     save_checkpoint(path, model, cfg, class_dicts, version, n_steps, round_metrics)
@@ -443,6 +490,50 @@ def _joint_step(
         logits = model.forward_head(feats)  # (2B, K, c, c)
         contrastive = _contrastive_loss(model, feats, label, tc, generator, device)
     return masked_cross_entropy(logits.float(), target) + tc.contrastive_weight * contrastive
+
+
+def _semi_step(
+    model: SegModel,
+    batch: dict[str, Tensor],
+    ubatch: dict[str, Tensor] | None,
+    tc: TrainConfig,
+    generator: torch.Generator,
+    device: torch.device,
+    memory_format: torch.memory_format,
+    autocast: contextlib.AbstractContextManager,
+) -> tuple[Tensor, float | None]:
+    """The semi-supervised joint step: CE on both views of the labelled crops plus ``pseudo_weight`` x the
+    pixel contrastive loss over labelled pixels and confident pseudo-labels of the unlabelled crops, one
+    forward pass. Without ``ubatch`` (the CE warm-up that makes the pseudo-labels worth having) only the CE.
+
+    Returns:
+        The loss and the share of unlabelled pixels that became pseudo-labels (None without ``ubatch``).
+    """
+    label = batch["label"]  # (Bl, c, c)
+    bl = label.shape[0]
+    if ubatch is None:
+        parts = [batch["view1"], batch["view2"]]
+    else:  # view 1 of every crop, then view 2, the order _contrastive_loss pairs by
+        parts = [batch["view1"], ubatch["view1"], batch["view2"], ubatch["view2"]]
+    views = torch.cat(parts).to(device, non_blocking=True).contiguous(memory_format=memory_format)
+    b = views.shape[0] // 2  # crops per view
+    target = label.to(device, non_blocking=True)  # (Bl, c, c)
+    with autocast:
+        feats = model.forward_features(views)  # (2b, C, h, w)
+        logits = model.forward_head(feats)  # (2b, K, c, c)
+    ce = masked_cross_entropy(logits[:bl].float(), target) + masked_cross_entropy(logits[b : b + bl].float(), target)
+    if ubatch is None:
+        return ce / 2.0, None
+    with torch.no_grad():  # the two views of a crop agree on its pseudo-labels (mean probability)
+        prob = (logits[bl:b].float().softmax(1) + logits[b + bl :].float().softmax(1)) / 2.0  # (Bu, K, c, c)
+        conf, pseudo = prob.max(1)  # (Bu, c, c)
+        keep = conf >= tc.pseudo_threshold
+        pseudo = torch.where(keep, pseudo, torch.full_like(pseudo, IGNORE_INDEX))
+        share = float(keep.float().mean())
+    label_all = torch.cat([label, pseudo.cpu().to(label.dtype)])  # (b, c, c), on the CPU for the sampler
+    with autocast:
+        contrastive = _contrastive_loss(model, feats, label_all, tc, generator, device)
+    return ce / 2.0 + tc.pseudo_weight * contrastive, share
 
 
 def _finetune_step(

@@ -16,7 +16,7 @@ from labelsmart.export import ExportError, export_onnx
 from labelsmart.model import load_checkpoint
 from labelsmart.project import open_project
 from labelsmart.store import Store
-from labelsmart.train import RoundCancelled, RoundResult, run_round
+from labelsmart.train import RoundCancelled, RoundResult, run_round, unlabelled_images
 
 
 @pytest.fixture
@@ -174,3 +174,36 @@ def test_joint_objective_trains_ce_and_contrastive_in_one_stage(project, tmp_pat
     assert np.isfinite(m["train_loss"]) and m["contrastive_loss"] is None  # no separate contrastive stage
     model, _ = load_checkpoint(result.checkpoint)
     assert model(torch.rand(1, 3, 64, 64)).shape == (1, 3, 64, 64)
+
+
+def test_semi_supervised_objective_takes_pseudo_labels_from_unlabelled_images_only(project, tmp_path: Path) -> None:
+    torch.set_num_threads(1)
+    cfg, store = project
+    labelled = {row.id for row in store.images()}
+    assert unlabelled_images(store, labelled, 10, 0) == []  # every image labelled: nothing to draw from
+    for i in (6, 7, 8):
+        img, _ = synth_scene(i)
+        cv2.imwrite(str(Path(cfg.dataset) / f"u{i}.png"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+    store.sync_images()
+    new = [row for row in store.images() if row.id not in labelled]
+    assert len(new) == 3
+    drawn = unlabelled_images(store, labelled, 2, 0)
+    assert len(drawn) == 2 and all(any(np.array_equal(d, store.read_image(r.id)) for r in new) for d in drawn)
+
+    def semi(threshold: float) -> dict:
+        args = {
+            **_args(cfg),
+            "train.pretrain_fraction": 0.0,
+            "train.pseudo_weight": 0.5,
+            "train.pseudo_threshold": threshold,
+            "train.pseudo_after": 0.5,
+        }
+        result = run_round(config.load(args, env={}), store, store.snapshot(), 1, tmp_path / f"t{threshold}", steps=4)
+        return result.metrics
+
+    every = semi(0.0)  # every pixel of an unlabelled crop is confident enough
+    assert every["pseudo_steps"] == 2 and every["finetune_steps"] == 4  # half the steps are the CE warm-up
+    assert every["pseudo_confident_share"] == pytest.approx(1.0)
+    assert np.isfinite(every["train_loss"])
+    none = semi(1.01)  # no probability reaches it: labelled pixels alone in the contrastive loss
+    assert none["pseudo_steps"] == 2 and none["pseudo_confident_share"] == 0.0 and np.isfinite(none["train_loss"])
