@@ -646,9 +646,10 @@ def preannotate_benchmark(
     """End-to-end ``preannotate`` throughput against pure inference throughput, same model, batch and threads.
 
     Pure inference: the model alone on inputs prepared beforehand (the first 32 images), in batches of
-    ``batch``, three passes before and three after the end-to-end run, the median of the six. End to end: the streaming pipeline of :mod:`labelsmart.batch` on
-    every image of the folder (or the first ``limit``), reading, decoding, inferring, encoding and writing
-    masks, overlays and the manifest into ``out_dir/preannotations`` (emptied first).
+    ``batch``, three passes before and three after the end-to-end run, the median of the six. End to end:
+    the streaming pipeline of :mod:`labelsmart.batch` on every image of the folder (or the first ``limit``),
+    reading, decoding, inferring, encoding and writing masks, overlays and the manifest into
+    ``out_dir/preannotations`` (emptied first).
     """
     import shutil
 
