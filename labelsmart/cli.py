@@ -751,7 +751,11 @@ def build_parser() -> argparse.ArgumentParser:
     le.add_argument("--eval-split", dest="eval_split", default="val", help="evaluation split(s), comma-separated")
     le.add_argument("--n-labeled", dest="n_labeled", default="5,20,50", help="labelled images N, comma-separated")
     le.add_argument("--labels", default="dense,scribble", help="label forms: dense, scribble (comma-separated)")
-    le.add_argument("--rows", default="labelsmart,ce-only,rf", help="rows: labelsmart, ce-only, rf (comma-separated)")
+    le.add_argument(
+        "--rows",
+        default="labelsmart,ce-only,contrastive,rf",
+        help="rows: labelsmart, ce-only, contrastive, rf (comma-separated)",
+    )
     le.add_argument("--steps", type=int, help="training steps per network cell (default: the trainer's round steps)")
     le.add_argument("--minutes", type=float, help="wall-clock training budget per network cell, in minutes")
     le.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="training device")

@@ -8,6 +8,9 @@ same N pool images and is scored on one or more evaluation splits:
   is registered as images, only the N chosen ones are labelled);
 - ``ce-only``: the same round with every contrastive part switched off (:func:`labelsmart.train.ce_only`),
   same steps or minutes;
+- ``contrastive``: the same round with the paper's two-stage recipe, whatever the defaults are: 30 % of the
+  budget on supervised pixel contrastive pretraining, then cross-entropy (``--set
+  train.pretrain_fraction=F`` changes the split);
 - ``rf``: the ilastik-style peer of :mod:`labelsmart.peer`.
 
 A *cell* is one (row, N, label form) under one budget. Each cell runs in its own spawned process (so its
@@ -43,8 +46,9 @@ from labelsmart.config import IGNORE_INDEX, IMAGE_EXTENSIONS
 
 log = logging.getLogger(__name__)
 
-ROWS = ("labelsmart", "ce-only", "rf")
-NET_ROWS = ("labelsmart", "ce-only")
+ROWS = ("labelsmart", "ce-only", "contrastive", "rf")
+NET_ROWS = ("labelsmart", "ce-only", "contrastive")
+PAPER_PRETRAIN_FRACTION = 0.3  # the contrastive row's split when --set does not give train.pretrain_fraction
 LABEL_FORMS = ("dense", "scribble")
 RESULTS_NAME = "results.jsonl"
 ERRORS_NAME = "errors.jsonl"
@@ -267,6 +271,9 @@ def _net_config(spec: BenchSpec, row: str) -> Any:
     cfg = config.load(args)
     if row == "ce-only":
         cfg = dataclasses.replace(cfg, train=train.ce_only(cfg.train))
+    elif row == "contrastive":
+        split = float(spec.overrides.get("train.pretrain_fraction", PAPER_PRETRAIN_FRACTION))
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, pretrain_fraction=split))
     return cfg
 
 
