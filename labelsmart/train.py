@@ -1,4 +1,4 @@
-"""One training round: contrastive pretraining -> cross-entropy fine-tuning -> validation -> checkpoint.
+"""One training round: (optional contrastive pretraining) -> cross-entropy fine-tuning -> validation -> checkpoint.
 
 Read top to bottom: :func:`run_round` loads a label snapshot, splits off validation images, builds (or
 warm-starts) the network, runs the two stages inside an optional wall-clock budget, validates through the

@@ -10,6 +10,7 @@ import pytest
 from conftest import write_dataset
 
 from labelsmart import cli, labeleff
+from labelsmart.config import TrainConfig
 from labelsmart.labeleff import BenchSpec, Cell
 
 NET_SETTINGS = {"train.crop": 64, "train.batch_size": 2, "preprocess.max_side": 128}
@@ -148,15 +149,16 @@ def test_net_rows_train_through_run_round(data: Path, tmp_path: Path, monkeypatc
         return real(cfg, store, snapshot, version, out_dir, **kw)
 
     monkeypatch.setattr(train, "run_round", spy)
-    spec = _spec(
-        data, tmp_path / "out", rows=("labelsmart", "ce-only"), labels=("scribble",), steps=4, overrides=NET_SETTINGS
-    )
+    rows = ("labelsmart", "ce-only", "contrastive")
+    spec = _spec(data, tmp_path / "out", rows=rows, labels=("scribble",), steps=4, overrides=NET_SETTINGS)
     records = labeleff.run_benchmark(spec)
-    assert [r["row"] for r in records] == ["labelsmart", "ce-only"]
-    assert seen[0][1] == seen[1][1] == 4  # same steps for both rows
-    assert seen[0][0] > 0 and seen[1][0] == 0  # ce-only has no contrastive stage
-    lab, ce = records
-    assert lab["pretrain_steps"] > 0 and ce["pretrain_steps"] == 0 and lab["steps"] == ce["steps"] == 4
+    assert [r["row"] for r in records] == list(rows)
+    assert [s[1] for s in seen] == [4, 4, 4]  # same steps for every row
+    # labelsmart trains with the shipped split, ce-only with none, contrastive with the paper's whatever ships
+    assert [s[0] for s in seen] == [TrainConfig().pretrain_fraction, 0.0, labeleff.PAPER_PRETRAIN_FRACTION]
+    lab, ce, con = records
+    assert ce["pretrain_steps"] == 0 and con["pretrain_steps"] == round(4 * labeleff.PAPER_PRETRAIN_FRACTION) > 0
+    assert lab["steps"] == ce["steps"] == con["steps"] == 4
     assert lab["train_config"]["crop"] == 64 and lab["budget"] == "4 steps" and lab["device"] == "cpu"
 
 

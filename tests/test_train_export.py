@@ -34,6 +34,7 @@ def project(tmp_path: Path) -> tuple[config.Config, Store]:
             "workdir": str(tmp_path / "work"),
             "models_dir": str(tmp_path / "models"),
             "train.steps": 30,
+            "train.pretrain_fraction": 0.3,  # these tests exercise both stages; the default has none
             "train.crop": 64,
             "train.batch_size": 2,
             "train.threads": 1,
@@ -155,6 +156,7 @@ def _args(cfg: config.Config) -> dict:
         "workdir": str(cfg.workdir),
         "models_dir": str(cfg.models_dir),
         "train.steps": cfg.train.steps,
+        "train.pretrain_fraction": cfg.train.pretrain_fraction,
         "train.crop": cfg.train.crop,
         "train.batch_size": cfg.train.batch_size,
         "train.threads": 1,
