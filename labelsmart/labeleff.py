@@ -329,6 +329,9 @@ def _run_net(
         "finetune_steps": result.metrics.get("finetune_steps"),
         "train_loss": result.metrics.get("train_loss"),
         "contrastive_loss": result.metrics.get("contrastive_loss"),
+        # the semi-supervised objective's steps and the share of unlabelled pixels confident enough to use
+        "pseudo_steps": result.metrics.get("pseudo_steps"),
+        "pseudo_confident_share": result.metrics.get("pseudo_confident_share"),
         "device": result.device,
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "threads": torch.get_num_threads(),
