@@ -661,12 +661,17 @@ def _row_name(r: dict[str, Any]) -> str:
 
 
 def _groups(records: list[dict[str, Any]]) -> dict[tuple[str, str, str], list[dict[str, Any]]]:
-    """Records by (evaluation split, pool split, net budget); rf records join every budget of their split."""
+    """Records by (evaluation split, pool split, net budget); rf records join every net budget of their
+    splits (or stand alone where no network ran on them)."""
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
-    budgets = sorted({r["budget"] for r in records if r["row"] != "rf"}) or ["rf"]
+    budgets: dict[tuple[str, str], set[str]] = {}
     for r in records:
-        for b in [r["budget"]] if r["row"] != "rf" else budgets:
-            groups.setdefault((r["eval_split"], r["pool_split"], b), []).append(r)
+        if r["row"] != "rf":
+            budgets.setdefault((r["eval_split"], r["pool_split"]), set()).add(r["budget"])
+    for r in records:
+        splits = (r["eval_split"], r["pool_split"])
+        for b in [r["budget"]] if r["row"] != "rf" else sorted(budgets.get(splits, {"rf"})):
+            groups.setdefault((*splits, b), []).append(r)
     return groups
 
 

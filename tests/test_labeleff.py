@@ -177,3 +177,19 @@ def test_cli_runs_a_cell_in_its_own_process_and_refuses_bad_input(data: Path, tm
     # The labelled images must never be evaluation images.
     assert cli.main([*argv[:-4], "--eval-split", "train", "--n-labeled", "2", "--out", str(out)]) == 1
     assert "pick disjoint splits" in capsys.readouterr().err
+
+
+def test_rf_joins_the_net_budgets_of_its_own_splits_only():
+    def rec(row: str, pool: str, budget: str) -> dict:
+        return {"row": row, "eval_split": "val", "pool_split": pool, "budget": budget}
+
+    records = [
+        rec("ce-only", "train", "300 steps"),
+        rec("ce-only", "train", "900 steps"),
+        rec("rf", "train", "rf"),
+        rec("rf", "train_b", "rf"),  # no network ran on this pool split
+    ]
+    groups = labeleff._groups(records)
+    assert sorted(groups) == [("val", "train", "300 steps"), ("val", "train", "900 steps"), ("val", "train_b", "rf")]
+    assert [r["row"] for r in groups[("val", "train", "900 steps")]] == ["ce-only", "rf"]
+    assert [r["pool_split"] for r in groups[("val", "train_b", "rf")]] == ["train_b"]
