@@ -1,0 +1,33 @@
+"""Plot merged label-efficiency records, one PNG per data set (the figures of BENCHMARKS.md).
+
+    python scripts/label_efficiency_plots.py docs/bench/cpu-label-efficiency-2.jsonl docs/label_efficiency_{}_cpu.png
+
+``{}`` in the output pattern becomes the data set's folder name (``camvid``, ``isbi-em``). Records at a minutes
+budget and seeds other than 0 stay out of the plots (they are tables in BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from labelsmart import labeleff
+
+
+def main(records_path: str, pattern: str) -> None:
+    records = [json.loads(line) for line in Path(records_path).read_text().splitlines() if line.strip()]
+    by_pool: dict[str, list[dict]] = {}
+    for r in records:
+        if r.get("seed", 0) == 0 and r.get("budget_minutes") is None:
+            by_pool.setdefault(Path(r["pool"]).name, []).append(r)
+    for name, recs in sorted(by_pool.items()):
+        out = Path(pattern.format(name))
+        labeleff.plot(recs, out)
+        print(f"{out}: {len(recs)} records")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3:
+        sys.exit("usage: python scripts/label_efficiency_plots.py RECORDS.jsonl OUT_{}.png")
+    main(sys.argv[1], sys.argv[2])
