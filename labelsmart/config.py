@@ -48,7 +48,7 @@ class TrainConfig:
 
     The defaults are what won the label-efficiency benchmark (BENCHMARKS.md, "Label efficiency"): at equal
     steps, cross-entropy alone was level with or ahead of the paper's two-stage split (30 % contrastive
-    pretraining) in 14 of 15 comparisons on CamVid and ISBI EM (two seeds, up to 3x a round's steps); the
+    pretraining) in 15 of 16 comparisons on CamVid and ISBI EM (two seeds, up to 3x a round's steps); the
     joint and semi-supervised contrastive objectives did not win either. They all stay available here.
     """
 
