@@ -8,8 +8,9 @@
 #
 # DATA holds camvid/ in the shared layout (a copy of ../shared/data/camvid); OUT receives the log and the
 # result files. Carried packages: wheels in .whl/ (segmentation_models_pytorch, pycocotools) and
-# onnxruntime-gpu as an xz'd tar split in parts, already gathered in /tmp/ortc/ (it is larger than one
-# transfer). Each stage has its own time limit, and a failing stage does not stop the next.
+# onnxruntime-gpu as an xz'd tar split in parts, already gathered in $SCRATCH/ortc/ (it is larger than one
+# transfer; SCRATCH is $LS_SCRATCH, else $TMPDIR, else the system's temporary folder). Each stage has its
+# own time limit, and a failing stage does not stop the next.
 # Knobs: LS_LE=0 skips the label-efficiency stage, LS_CPU=1 adds the CPU stage; for a dry run on a CPU
 # machine: LS_DEVICE=cpu LS_STEPS=4 LS_QUICK=1 LS_LE_ARGS="--n-labeled 2 --labels scribble --rows labelsmart --steps 2".
 set -uo pipefail
@@ -17,13 +18,14 @@ DATA=${1:?usage: gpu_check.sh DATA OUT}
 OUT=${2:?usage: gpu_check.sh DATA OUT}
 DEVICE=${LS_DEVICE:-cuda}
 STEPS=${LS_STEPS:-300}
-LE_ARGS=${LS_LE_ARGS:---n-labeled 5,20 --labels scribble --rows labelsmart,ce-only --minutes 0.5 --threads 8}
+LE_ARGS=${LS_LE_ARGS:---n-labeled 5,20 --labels scribble --rows ce-only,contrastive --minutes 0.5 --threads 8}
 QUICK=${LS_QUICK:-0}
 R30=30; R15=15; [ "$QUICK" = 1 ] && R30=2 && R15=2
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/log.txt") 2>&1
 export PYTHONUNBUFFERED=1 GRADIO_ANALYTICS_ENABLED=False
-export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+SCRATCH=${LS_SCRATCH:-${TMPDIR:-/tmp}}
+export PYTHONPATH="$SCRATCH/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 T0=$(date +%s)
 stage() { echo; echo "=== [$(($(date +%s) - T0)) s] $*"; }
 work=$(mktemp -d)
@@ -34,10 +36,10 @@ echo "cpus: $(nproc)"; python3 -V; git rev-parse --short HEAD 2>/dev/null || tru
 
 stage "packages"
 if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SCRATCH/site" .whl/*.whl
 fi
-if ls /tmp/ortc/part.* >/dev/null 2>&1 && [ ! -d /tmp/site/onnxruntime ]; then
-  cat /tmp/ortc/part.* | xz -d -T0 | tar -x -C /tmp/site
+if ls "$SCRATCH"/ortc/part.* >/dev/null 2>&1 && [ ! -d "$SCRATCH/site/onnxruntime" ]; then
+  cat "$SCRATCH"/ortc/part.* | xz -d -T0 | tar -x -C "$SCRATCH/site"
 fi
 python3 - <<'EOF'
 import onnxruntime as ort, segmentation_models_pytorch as smp, torch
