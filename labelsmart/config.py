@@ -60,6 +60,10 @@ class TrainConfig:
     crop: int = 192  # square training crop at working scale
     lr: float = 1e-3
     weight_decay: float = 1e-4
+    # Class balancing of the cross-entropy (0 = off): class k's weight is (labelled pixels of k / median
+    # over the labelled classes) ** -class_balance, clipped to [0.1, 10], counted once per round over the
+    # training labels at working scale; 1 is median-frequency balancing, 0.5 its square root.
+    class_balance: float = 0.0
     temperature: float = 0.1  # supervised pixel contrastive loss temperature
     pixels_per_class: int = 64  # labelled pixels sampled per class per image for the contrastive loss
     # Joint objective (0 = off): fine-tuning adds this weight times the pixel contrastive loss to the CE loss,

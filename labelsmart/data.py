@@ -168,6 +168,14 @@ class LabelledSet(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
+    def class_counts(self, num_classes: int) -> np.ndarray:
+        """Labelled pixels per class over all items at working scale, ``(num_classes,)`` int64."""
+        counts = np.zeros(num_classes, dtype=np.int64)  # (K,)
+        for _, mask in self.items:
+            labelled = mask[mask != IGNORE_INDEX]
+            counts += np.bincount(labelled[labelled < num_classes], minlength=num_classes)[:num_classes]
+        return counts
+
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         rng = np.random.default_rng([self.seed, int(index)])
         image, mask = self.items[int(index) % len(self.items)]

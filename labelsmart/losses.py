@@ -1,4 +1,4 @@
-"""Supervised pixel contrastive loss, masked cross-entropy and bounded pixel sampling.
+"""Supervised pixel contrastive loss, masked cross-entropy, class weights and bounded pixel sampling.
 
 The contrastive loss follows Khosla et al. (SupCon) as applied to pixels by Zhao et al., "Contrastive
 Learning for Label-Efficient Semantic Segmentation" (ICCV 2021): every sampled labelled pixel is an
@@ -7,11 +7,14 @@ anchor, the other samples of its class are positives, all other samples form the
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from labelsmart.config import IGNORE_INDEX
+
+CLASS_WEIGHT_CAP = 10.0
 
 
 def supervised_pixel_contrastive_loss(emb: Tensor, labels: Tensor, temperature: float) -> Tensor:
@@ -67,6 +70,30 @@ def masked_cross_entropy(
     if not bool((target != ignore_index).any()):
         return logits.sum() * 0.0
     return F.cross_entropy(logits.float(), target, weight=weight, ignore_index=ignore_index)
+
+
+def class_weights(counts: np.ndarray, alpha: float, cap: float = CLASS_WEIGHT_CAP) -> np.ndarray:
+    """Cross-entropy class weights from labelled-pixel counts: ``w_k = (n_k / median n)^-alpha``.
+
+    ``alpha`` 0 gives equal weights, 1 median-frequency balancing (Eigen & Fergus; SegNet), 0.5 its square
+    root. Only classes with labelled pixels enter the median; weights are clipped to ``[1/cap, cap]`` so a
+    class with a handful of labelled pixels cannot dominate the loss. Classes without pixels get 1 (they
+    contribute no term anyway).
+
+    Args:
+        counts: ``(K,)`` labelled pixels per class.
+        alpha: balancing exponent, >= 0.
+        cap: largest weight ratio to the median class.
+
+    Returns:
+        ``(K,)`` float32 weights.
+    """
+    counts = np.asarray(counts, dtype=np.float64)  # (K,)
+    weights = np.ones(counts.shape, dtype=np.float64)  # (K,)
+    present = counts > 0
+    if alpha > 0 and present.any():
+        weights[present] = (counts[present] / np.median(counts[present])) ** -alpha
+    return np.clip(weights, 1.0 / cap, cap).astype(np.float32)
 
 
 def sample_pixels(

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Sampler
 from labelsmart import imageio, metrics
 from labelsmart.config import IGNORE_INDEX, Config, PreprocessConfig, TrainConfig
 from labelsmart.data import LabelledSet, UnlabelledSet, load_snapshot
-from labelsmart.losses import masked_cross_entropy, sample_pixels, supervised_pixel_contrastive_loss
+from labelsmart.losses import class_weights, masked_cross_entropy, sample_pixels, supervised_pixel_contrastive_loss
 from labelsmart.model import CheckpointError, SegModel, build_model, model_config_of, read_checkpoint, save_checkpoint
 from labelsmart.store import Snapshot, Store
 
@@ -279,6 +279,11 @@ def run_round(
     confident: list[float] = []  # share of unlabelled pixels confident enough to be pseudo-labels, per step
     log.info("round v%d: %d training, %d validation images, device %s", version, len(train_ids), len(val_ids), device)
 
+    ce_weight: Tensor | None = None
+    if tc.class_balance > 0:
+        ce_weight = torch.from_numpy(class_weights(dataset.class_counts(num_classes), tc.class_balance)).to(device)
+        log.info("class-balanced cross-entropy: weights %s", np.round(ce_weight.cpu().numpy(), 2).tolist())
+
     # ---- model
     model = build_model(cfg.model, num_classes)
     if init_checkpoint is not None and Path(init_checkpoint).is_file():
@@ -371,14 +376,14 @@ def run_round(
         elif semi:
             use_pseudo = unlabelled is not None and done[FINETUNE] >= round(planned[FINETUNE] * tc.pseudo_after)
             ubatch = next(unlabelled) if use_pseudo and unlabelled is not None else None
-            loss, share = _semi_step(model, batch, ubatch, tc, generator, device, memory_format, autocast)
+            loss, share = _semi_step(model, batch, ubatch, tc, generator, device, memory_format, autocast, ce_weight)
             if share is not None:
                 confident.append(share)
         else:
             loss = (
-                _joint_step(model, batch, tc, generator, device, memory_format, autocast)
+                _joint_step(model, batch, tc, generator, device, memory_format, autocast, ce_weight)
                 if joint
-                else _finetune_step(model, batch, device, memory_format, autocast)
+                else _finetune_step(model, batch, device, memory_format, autocast, ce_weight)
             )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -413,6 +418,8 @@ def run_round(
         "pretrain_steps": done[PRETRAIN],
         "finetune_steps": done[FINETUNE],
     }
+    if ce_weight is not None:
+        round_metrics["class_weights"] = [round(float(w), 4) for w in ce_weight.cpu()]
     if semi:
         round_metrics["pseudo_steps"] = len(confident)
         round_metrics["pseudo_confident_share"] = tail_mean(confident)
@@ -479,6 +486,7 @@ def _joint_step(
     device: torch.device,
     memory_format: torch.memory_format,
     autocast: contextlib.AbstractContextManager,
+    ce_weight: Tensor | None = None,
 ) -> Tensor:
     """Cross-entropy on both views plus ``contrastive_weight`` x the pixel contrastive loss, one forward pass."""
     label = batch["label"]  # (B, c, c)
@@ -489,7 +497,7 @@ def _joint_step(
         feats = model.forward_features(views)  # (2B, C, h, w)
         logits = model.forward_head(feats)  # (2B, K, c, c)
         contrastive = _contrastive_loss(model, feats, label, tc, generator, device)
-    return masked_cross_entropy(logits.float(), target) + tc.contrastive_weight * contrastive
+    return masked_cross_entropy(logits.float(), target, weight=ce_weight) + tc.contrastive_weight * contrastive
 
 
 def _semi_step(
@@ -501,6 +509,7 @@ def _semi_step(
     device: torch.device,
     memory_format: torch.memory_format,
     autocast: contextlib.AbstractContextManager,
+    ce_weight: Tensor | None = None,
 ) -> tuple[Tensor, float | None]:
     """The semi-supervised joint step: CE on both views of the labelled crops plus ``pseudo_weight`` x the
     pixel contrastive loss over labelled pixels and confident pseudo-labels of the unlabelled crops, one
@@ -521,7 +530,9 @@ def _semi_step(
     with autocast:
         feats = model.forward_features(views)  # (2b, C, h, w)
         logits = model.forward_head(feats)  # (2b, K, c, c)
-    ce = masked_cross_entropy(logits[:bl].float(), target) + masked_cross_entropy(logits[b : b + bl].float(), target)
+    ce = masked_cross_entropy(logits[:bl].float(), target, weight=ce_weight) + masked_cross_entropy(
+        logits[b : b + bl].float(), target, weight=ce_weight
+    )
     if ubatch is None:
         return ce / 2.0, None
     with torch.no_grad():  # the two views of a crop agree on its pseudo-labels (mean probability)
@@ -542,13 +553,14 @@ def _finetune_step(
     device: torch.device,
     memory_format: torch.memory_format,
     autocast: contextlib.AbstractContextManager,
+    ce_weight: Tensor | None = None,
 ) -> Tensor:
-    """Masked cross-entropy on view 1 (255 ignored)."""
+    """Masked cross-entropy on view 1 (255 ignored), class-weighted when ``ce_weight`` is given."""
     x = batch["view1"].to(device, non_blocking=True).contiguous(memory_format=memory_format)  # (B, 3, c, c)
     target = batch["label"].to(device, non_blocking=True)  # (B, c, c)
     with autocast:
         logits = model(x)  # (B, K, c, c)
-    return masked_cross_entropy(logits.float(), target)
+    return masked_cross_entropy(logits.float(), target, weight=ce_weight)
 
 
 def ce_only(tc: TrainConfig) -> TrainConfig:

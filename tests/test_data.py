@@ -105,3 +105,13 @@ def test_load_snapshot_reads_current_revisions(tmp_path: Path) -> None:
     assert pairs[1][0].shape == (20, 30, 3) and pairs[1][0][0, 0, 0] == 80
     only = load_snapshot(store, snap, ids=[ids[2]])
     assert len(only) == 1 and only[0][0][0, 0, 0] == 80
+
+
+def test_class_counts_are_labelled_pixels_at_working_scale() -> None:
+    image, mask = _scribbled_pair()
+    mask[0:4, 0:4] = 7  # a class id past the project's classes is not counted
+    ds = LabelledSet([(image, mask)], _cfg())
+    counts = ds.class_counts(3)
+    _, small = ds.items[0]
+    assert counts.tolist() == [int((small == 0).sum()), int((small == 1).sum()), 0]
+    assert counts[0] >= 90 and counts[1] >= 60

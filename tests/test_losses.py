@@ -2,11 +2,12 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from labelsmart.losses import masked_cross_entropy, sample_pixels, supervised_pixel_contrastive_loss
+from labelsmart.losses import class_weights, masked_cross_entropy, sample_pixels, supervised_pixel_contrastive_loss
 
 
 def test_contrastive_loss_by_hand_symmetric() -> None:
@@ -115,3 +116,16 @@ def test_contrastive_loss_matches_a_naive_loop() -> None:
         anchors += 1
     got = supervised_pixel_contrastive_loss(emb, labels, t)
     assert got.item() == pytest.approx(total / anchors, rel=1e-5)
+
+
+def test_class_weights_by_hand() -> None:
+    counts = np.array([1000, 100, 10, 0, 1])  # median of the labelled classes: 55
+    assert np.allclose(class_weights(counts, 0.0), 1.0)  # off
+    w = class_weights(counts, 1.0)  # median-frequency balancing, clipped to [0.1, 10]
+    assert w.dtype == np.float32 and w.shape == (5,)
+    assert w[0] == pytest.approx(0.1) and w[1] == pytest.approx(0.55) and w[2] == pytest.approx(5.5)
+    assert w[3] == 1.0 and w[4] == pytest.approx(10.0)  # no pixels: 1; a handful: capped
+    half = class_weights(counts, 0.5)
+    assert half[0] == pytest.approx((1000 / 55) ** -0.5, rel=1e-6)
+    assert half[2] == pytest.approx((10 / 55) ** -0.5, rel=1e-6)
+    assert list(np.argsort(half[[0, 1, 2]])) == [0, 1, 2]  # rarer classes weigh more

@@ -12,11 +12,13 @@ import torch
 from conftest import scribbles, synth_scene
 
 from labelsmart import config, export
+from labelsmart.data import LabelledSet, load_snapshot
 from labelsmart.export import ExportError, export_onnx
+from labelsmart.losses import class_weights
 from labelsmart.model import load_checkpoint
 from labelsmart.project import open_project
 from labelsmart.store import Store
-from labelsmart.train import RoundCancelled, RoundResult, run_round, unlabelled_images
+from labelsmart.train import RoundCancelled, RoundResult, run_round, split_validation, unlabelled_images
 
 
 @pytest.fixture
@@ -209,3 +211,21 @@ def test_semi_supervised_objective_takes_pseudo_labels_from_unlabelled_images_on
     assert np.isfinite(every["train_loss"])
     none = semi(1.01)  # no probability reaches it: labelled pixels alone in the contrastive loss
     assert none["pseudo_steps"] == 2 and none["pseudo_confident_share"] == 0.0 and np.isfinite(none["train_loss"])
+
+
+def test_class_balanced_round_weighs_the_rare_class_up(project, tmp_path: Path) -> None:
+    torch.set_num_threads(1)
+    cfg, store = project
+    balanced = config.load({**_args(cfg), "train.pretrain_fraction": 0.0, "train.class_balance": 1.0}, env={})
+    result = run_round(balanced, store, store.snapshot(), 1, tmp_path / "v1", steps=3)
+    weights = np.array(result.metrics["class_weights"])
+    ids = [image_id for image_id, _ in store.snapshot().revisions]
+    train_ids, _ = split_validation(ids, balanced.train)  # the round counts its training images only
+    pairs = dict(zip(ids, load_snapshot(store, store.snapshot()), strict=True))
+    counts = LabelledSet([pairs[i] for i in train_ids], balanced).class_counts(3)
+    assert counts.min() > 0 and counts.max() > 2 * counts.min()  # the classes are unbalanced
+    np.testing.assert_allclose(weights, class_weights(counts, 1.0), rtol=1e-4)
+    assert int(np.argmax(weights)) == int(np.argmin(counts)) and int(np.argmin(weights)) == int(np.argmax(counts))
+    plain_cfg = config.load({**_args(cfg), "train.pretrain_fraction": 0.0}, env={})
+    plain = run_round(plain_cfg, store, store.snapshot(), 1, tmp_path / "v2", steps=1)
+    assert "class_weights" not in plain.metrics
