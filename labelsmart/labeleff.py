@@ -248,6 +248,11 @@ class Cell:
         return "|".join(parts)
 
 
+def _folder_key(path: str | Path | None) -> str | None:
+    """A data folder as resume matches it: relative and absolute spellings of one folder are the same."""
+    return None if path is None else str(Path(path).resolve())
+
+
 def cells_of(spec: BenchSpec) -> list[Cell]:
     """Cells in run order: small N first (a first table comes soon), then label form, then row."""
     return [Cell(r, n, lf) for n in spec.n_labeled for lf in spec.labels for r in spec.rows]
@@ -602,8 +607,8 @@ def run_benchmark(spec: BenchSpec) -> list[dict[str, Any]]:
     previous_sigterm = _terminate_as_interrupt()
     results = spec.out / RESULTS_NAME
     cells = cells_of(spec)
-    eval_key = str(spec.eval)
-    done = {(r.get("cell"), r.get("eval"), r.get("eval_split")) for r in read_results(results)}
+    eval_key = _folder_key(spec.eval)
+    done = {(r.get("cell"), _folder_key(r.get("eval")), r.get("eval_split")) for r in read_results(results)}
     failed: list[str] = []
     bar = tqdm(total=len(cells), desc="label-efficiency", unit="cell", file=sys.stderr, dynamic_ncols=True)
     try:

@@ -132,6 +132,9 @@ def test_rf_row_runs_writes_all_outputs_and_resumes(data: Path, tmp_path: Path, 
     monkeypatch.setattr(labeleff, "run_cell", spy)
     labeleff.run_benchmark(_spec(data, out, rows=("rf",), eval_splits=("val", "val_b")))
     assert ran == []
+    monkeypatch.chdir(data.parent)  # the same folders spelled relative to another working directory
+    labeleff.run_benchmark(_spec(Path(data.name), out, rows=("rf",), eval_splits=("val", "val_b")))
+    assert ran == []
     labeleff.run_benchmark(_spec(data, out, rows=("rf",), eval_splits=("val",), n_labeled=(2, 3), labels=("dense",)))
     assert ran == ["rf|dense|n3|train|seed0"]
     assert len((out / "results.jsonl").read_text().splitlines()) == 5
