@@ -50,6 +50,7 @@ class TrainConfig:
     steps, cross-entropy alone was level with or ahead of the paper's two-stage split (30 % contrastive
     pretraining) in 15 of 16 comparisons on CamVid and ISBI EM (two seeds, up to 3x a round's steps); the
     joint and semi-supervised contrastive objectives did not win either. They all stay available here.
+    Class-balanced cross-entropy (``class_balance`` 0.5) won over plain cross-entropy on CamVid (third pass).
     """
 
     steps: int = 300  # optimisation steps of a warm-started round (pretrain + fine-tune)
@@ -63,7 +64,7 @@ class TrainConfig:
     # Class balancing of the cross-entropy (0 = off): class k's weight is (labelled pixels of k / median
     # over the labelled classes) ** -class_balance, clipped to [0.1, 10], counted once per round over the
     # training labels at working scale; 1 is median-frequency balancing, 0.5 its square root.
-    class_balance: float = 0.0
+    class_balance: float = 0.5
     temperature: float = 0.1  # supervised pixel contrastive loss temperature
     pixels_per_class: int = 64  # labelled pixels sampled per class per image for the contrastive loss
     # Joint objective (0 = off): fine-tuning adds this weight times the pixel contrastive loss to the CE loss,

@@ -6,8 +6,8 @@ same N pool images and is scored on one or more evaluation splits:
 - ``labelsmart``: one round of :func:`labelsmart.train.run_round`, the code the background trainer runs,
   with the shipped ``TrainConfig`` (the project store is built in a temporary folder: the whole pool split
   is registered as images, only the N chosen ones are labelled);
-- ``ce-only``: the same round with every contrastive part switched off (:func:`labelsmart.train.ce_only`),
-  same steps or minutes;
+- ``ce-only``: plain cross-entropy, the same round with every contrastive part and the class balancing
+  switched off (:func:`labelsmart.train.ce_only`), same steps or minutes;
 - ``contrastive``: the same round with the paper's two-stage recipe, whatever the defaults are: 30 % of the
   budget on supervised pixel contrastive pretraining, then cross-entropy (``--set
   train.pretrain_fraction=F`` changes the split);
@@ -337,6 +337,7 @@ def _run_net(
         # the semi-supervised objective's steps and the share of unlabelled pixels confident enough to use
         "pseudo_steps": result.metrics.get("pseudo_steps"),
         "pseudo_confident_share": result.metrics.get("pseudo_confident_share"),
+        "class_weights": result.metrics.get("class_weights"),  # class-balanced cross-entropy, per class id
         "device": result.device,
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "threads": torch.get_num_threads(),

@@ -564,8 +564,9 @@ def _finetune_step(
 
 
 def ce_only(tc: TrainConfig) -> TrainConfig:
-    """The same round with every contrastive part switched off: the cross-entropy baseline of the benchmarks."""
-    return dataclasses.replace(tc, pretrain_fraction=0.0, contrastive_weight=0.0)
+    """Plain cross-entropy, the baseline of the benchmarks: the same round with every contrastive part and the
+    class balancing switched off."""
+    return dataclasses.replace(tc, pretrain_fraction=0.0, contrastive_weight=0.0, pseudo_weight=0.0, class_balance=0.0)
 
 
 @torch.inference_mode()

@@ -148,7 +148,7 @@ def test_net_rows_train_through_run_round(data: Path, tmp_path: Path, monkeypatc
 
     def spy(cfg, store, snapshot, version, out_dir, **kw):
         assert len(store.images()) == 4 and len(snapshot.revisions) == 2  # whole pool split, N labelled
-        seen.append((cfg.train.pretrain_fraction, kw["steps"]))
+        seen.append((cfg.train.pretrain_fraction, kw["steps"], cfg.train.class_balance))
         return real(cfg, store, snapshot, version, out_dir, **kw)
 
     monkeypatch.setattr(train, "run_round", spy)
@@ -159,9 +159,13 @@ def test_net_rows_train_through_run_round(data: Path, tmp_path: Path, monkeypatc
     assert [s[1] for s in seen] == [4, 4, 4]  # same steps for every row
     # labelsmart trains with the shipped split, ce-only with none, contrastive with the paper's whatever ships
     assert [s[0] for s in seen] == [TrainConfig().pretrain_fraction, 0.0, labeleff.PAPER_PRETRAIN_FRACTION]
+    # ce-only is plain cross-entropy; the others keep the shipped class balancing
+    assert [s[2] for s in seen] == [TrainConfig().class_balance, 0.0, TrainConfig().class_balance]
+    assert TrainConfig().class_balance > 0
     lab, ce, con = records
     assert ce["pretrain_steps"] == 0 and con["pretrain_steps"] == round(4 * labeleff.PAPER_PRETRAIN_FRACTION) > 0
     assert lab["steps"] == ce["steps"] == con["steps"] == 4
+    assert len(lab["class_weights"]) == 3 and ce.get("class_weights") is None
     assert lab["train_config"]["crop"] == 64 and lab["budget"] == "4 steps" and lab["device"] == "cpu"
 
 

@@ -226,6 +226,6 @@ def test_class_balanced_round_weighs_the_rare_class_up(project, tmp_path: Path) 
     assert counts.min() > 0 and counts.max() > 2 * counts.min()  # the classes are unbalanced
     np.testing.assert_allclose(weights, class_weights(counts, 1.0), rtol=1e-4)
     assert int(np.argmax(weights)) == int(np.argmin(counts)) and int(np.argmin(weights)) == int(np.argmax(counts))
-    plain_cfg = config.load({**_args(cfg), "train.pretrain_fraction": 0.0}, env={})
+    plain_cfg = config.load({**_args(cfg), "train.pretrain_fraction": 0.0, "train.class_balance": 0.0}, env={})
     plain = run_round(plain_cfg, store, store.snapshot(), 1, tmp_path / "v2", steps=1)
     assert "class_weights" not in plain.metrics
