@@ -1,6 +1,6 @@
 """Plot merged label-efficiency records, one PNG per data set (the figures of BENCHMARKS.md).
 
-    python scripts/label_efficiency_plots.py docs/bench/cpu-label-efficiency-2.jsonl docs/label_efficiency_{}_cpu.png
+    python scripts/label_efficiency_plots.py RECORDS.jsonl [MORE.jsonl ...] "docs/label_efficiency_{}_cpu.png"
 
 ``{}`` in the output pattern becomes the data set's folder name (``camvid``, ``isbi-em``). Records at a minutes
 budget and seeds other than 0 stay out of the plots (they are tables in BENCHMARKS.md).
@@ -15,8 +15,10 @@ from pathlib import Path
 from labelsmart import labeleff
 
 
-def main(records_path: str, pattern: str) -> None:
-    records = [json.loads(line) for line in Path(records_path).read_text().splitlines() if line.strip()]
+def main(records_paths: list[str], pattern: str) -> None:
+    records = [
+        json.loads(line) for path in records_paths for line in Path(path).read_text().splitlines() if line.strip()
+    ]
     by_pool: dict[str, list[dict]] = {}
     for r in records:
         if r.get("seed", 0) == 0 and r.get("budget_minutes") is None:
@@ -28,6 +30,6 @@ def main(records_path: str, pattern: str) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3:
-        sys.exit("usage: python scripts/label_efficiency_plots.py RECORDS.jsonl OUT_{}.png")
-    main(sys.argv[1], sys.argv[2])
+    if len(sys.argv) < 3:
+        sys.exit("usage: python scripts/label_efficiency_plots.py RECORDS.jsonl [MORE.jsonl ...] OUT_{}.png")
+    main(sys.argv[1:-1], sys.argv[-1])
