@@ -282,7 +282,7 @@ def run_round(
     ce_weight: Tensor | None = None
     if tc.class_balance > 0:
         ce_weight = torch.from_numpy(class_weights(dataset.class_counts(num_classes), tc.class_balance)).to(device)
-        log.info("class-balanced cross-entropy: weights %s", np.round(ce_weight.cpu().numpy(), 2).tolist())
+        log.info("class-balanced cross-entropy: weights %s", [round(float(w), 2) for w in ce_weight.cpu()])
 
     # ---- model
     model = build_model(cfg.model, num_classes)
