@@ -12,7 +12,10 @@ import json
 import sys
 from pathlib import Path
 
-from labelsmart import labeleff
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from labelsmart import labeleff  # noqa: E402
 
 
 def main(records_paths: list[str], pattern: str) -> None:
