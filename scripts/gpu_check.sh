@@ -18,7 +18,7 @@ DATA=${1:?usage: gpu_check.sh DATA OUT}
 OUT=${2:?usage: gpu_check.sh DATA OUT}
 DEVICE=${LS_DEVICE:-cuda}
 STEPS=${LS_STEPS:-300}
-LE_ARGS=${LS_LE_ARGS:---n-labeled 5,20 --labels scribble --rows ce-only,contrastive --minutes 0.5 --threads 8}
+LE_ARGS=${LS_LE_ARGS:---n-labeled 5,20 --labels scribble --rows labelsmart,ce-only --minutes 0.5 --threads 8}
 QUICK=${LS_QUICK:-0}
 R30=30; R15=15; [ "$QUICK" = 1 ] && R30=2 && R15=2
 mkdir -p "$OUT"
