@@ -42,12 +42,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from labelsmart import config, demo
+    from labelsmart.app.session import Session, build_ui
     from labelsmart.imageio import ImageError
-    from labelsmart.predictor import Predictor
     from labelsmart.project import ProjectError, open_project
+    from labelsmart.serving.predictor import Predictor
     from labelsmart.store import StoreError
-    from labelsmart.trainer import Supervisor
-    from labelsmart.ui import Session, build_ui
+    from labelsmart.training.trainer import Supervisor
 
     flags = {k: v for k, v in vars(args).items() if k != "no_trainer"}
     try:

@@ -128,8 +128,8 @@ def _metrics_line(metrics: dict[str, Any]) -> str:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """One training round on a project, headless."""
-    from labelsmart import trainer
     from labelsmart.project import open_project
+    from labelsmart.training import trainer
 
     cfg = config.load(
         _flags(
@@ -171,7 +171,7 @@ def _flags(args: argparse.Namespace, *names: str) -> dict[str, Any]:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """ONNX export of the newest published model of a project, or of a given checkpoint."""
-    from labelsmart import export
+    from labelsmart.training import export
 
     metrics: dict[str, Any] | None = None
     if args.checkpoint is not None:
@@ -215,13 +215,13 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_preannotate(args: argparse.Namespace) -> int:
     """Pre-annotate a folder of images with an ONNX model: index masks, overlays, a manifest, optionally COCO.
 
-    Decoding, inference and writing overlap (see :mod:`labelsmart.batch`); ``--engine ray`` runs the same work
-    on a Ray cluster (see :mod:`labelsmart.ray_engine`). Images done by an earlier run are skipped.
+    Decoding, inference and writing overlap (see :mod:`labelsmart.preannotate.pipeline`); ``--engine ray`` runs the
+    same work on a Ray cluster (see :mod:`labelsmart.preannotate.ray_engine`). Images done by an earlier run are skipped.
     """
     from tqdm import tqdm
 
-    from labelsmart import batch
-    from labelsmart.predictor import OnnxModel
+    from labelsmart.preannotate import pipeline as batch
+    from labelsmart.serving.predictor import OnnxModel
 
     images = Path(args.images)
     out = Path(args.out)
@@ -281,7 +281,7 @@ def cmd_preannotate(args: argparse.Namespace) -> int:
 
     try:
         if args.engine == "ray":
-            from labelsmart import ray_engine
+            from labelsmart.preannotate import ray_engine
 
             ray_engine.run_ray(
                 Path(args.model),
@@ -339,7 +339,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from labelsmart import metrics
-    from labelsmart.predictor import OnnxModel
+    from labelsmart.serving.predictor import OnnxModel
     from labelsmart.store import load_classes_file
 
     dataset = Path(args.dataset)
@@ -433,7 +433,7 @@ def _parse_size(text: str) -> tuple[int, int]:
 
 def cmd_bench_serve(args: argparse.Namespace) -> int:
     """Serving speed: ONNX Runtime against eager PyTorch on the same inputs, per batch size."""
-    from labelsmart import bench
+    from labelsmart.bench import serve as bench
 
     batches = _parse_batches(args.batch)
     size = _parse_size(args.size)
@@ -499,7 +499,7 @@ def cmd_bench_loop(args: argparse.Namespace) -> int:
     """The annotation loop (BENCHMARK.md section 2): a simulated annotator, the background trainer, the predictor."""
     import tempfile
 
-    from labelsmart import loop
+    from labelsmart.bench import annotation_loop as loop
 
     orders = [o.strip() for o in args.order.split(",") if o.strip()]
     orders = list(loop.ORDERS) if orders == ["both"] else orders
@@ -548,7 +548,7 @@ def _parse_list(text: str, flag: str, kind: type = str) -> tuple[Any, ...]:
 
 def cmd_bench_label_efficiency(args: argparse.Namespace) -> int:
     """Label efficiency (BENCHMARK.md section 1): labelsmart, CE only and the random-forest peer per N, label form."""
-    from labelsmart import labeleff
+    from labelsmart.bench import label_efficiency as labeleff
 
     overrides: dict[str, str] = {}
     for item in args.set or []:
@@ -590,7 +590,7 @@ def cmd_bench_label_efficiency(args: argparse.Namespace) -> int:
 
 def cmd_bench_preannotate(args: argparse.Namespace) -> int:
     """Batch pre-annotation end to end against pure inference on the same machine."""
-    from labelsmart import bench
+    from labelsmart.bench import serve as bench
 
     if not Path(args.model).is_file():
         raise CliError(f"{args.model}: model file not found; pass --model an exported .onnx file.")

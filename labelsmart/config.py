@@ -23,7 +23,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Network built by :func:`labelsmart.model.build_model` (segmentation_models_pytorch)."""
+    """Network built by :func:`labelsmart.training.model.build_model` (segmentation_models_pytorch)."""
 
     arch: str = "DeepLabV3Plus"  # any smp architecture name: DeepLabV3Plus, Unet, FPN, ...
     encoder: str = "resnet18"  # any smp / timm ("tu-...") encoder name

@@ -15,7 +15,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from labelsmart import labeleff  # noqa: E402
+from labelsmart.bench import label_efficiency as labeleff  # noqa: E402
 
 
 def main(records_paths: list[str], pattern: str) -> None:

@@ -23,9 +23,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from labelsmart import config  # noqa: E402
-from labelsmart.predictor import Predictor  # noqa: E402
+from labelsmart.app.session import Session  # noqa: E402
+from labelsmart.serving.predictor import Predictor  # noqa: E402
 from labelsmart.store import Store  # noqa: E402
-from labelsmart.ui import Session  # noqa: E402
 
 
 def main() -> int:

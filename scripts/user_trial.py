@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from labelsmart import imageio  # noqa: E402
-from labelsmart.scribble import simulate_scribbles  # noqa: E402
+from labelsmart.bench.scribble import simulate_scribbles  # noqa: E402
 
 FLAGS = [
     "--headless",

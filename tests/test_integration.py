@@ -10,9 +10,9 @@ from conftest import scribbles
 
 from labelsmart import imageio
 from labelsmart.cli import main
-from labelsmart.predictor import OnnxModel, Predictor
 from labelsmart.project import open_project
-from labelsmart.trainer import run_one_round
+from labelsmart.serving.predictor import OnnxModel, Predictor
+from labelsmart.training.trainer import run_one_round
 
 
 def test_scribbles_to_preannotations_above_chance(tiny_dataset: Path, tiny_cfg, capsys):
@@ -77,7 +77,7 @@ def test_scribbles_to_preannotations_above_chance(tiny_dataset: Path, tiny_cfg, 
 
 
 def test_failed_export_publishes_nothing_and_keeps_serving(tiny_cfg, monkeypatch):
-    from labelsmart import export
+    from labelsmart.training import export
 
     store = open_project(tiny_cfg)
     img = store.images()[0]

@@ -2,16 +2,17 @@
 
 ``python -m labelsmart bench loop --pool DIR --eval DIR --eval-split NAME --images 30 --labels scribble`` drives
 a real project through the code paths the UI uses: the project store, the background trainer process under its
-:class:`~labelsmart.trainer.Supervisor` (which also scores images for "Next"), the :class:`Predictor` and the
-UI's own :class:`~labelsmart.ui.Session` handlers for showing a pre-annotation and saving labels. For image k it
+:class:`~labelsmart.training.trainer.Supervisor` (which also scores images for "Next"), the :class:`Predictor`
+and the UI's own :class:`~labelsmart.app.session.Session` handlers for showing a pre-annotation and saving labels.
+For image k it
 
 1. picks the image: ``sequential`` = the pool split's sorted names permuted with ``default_rng(0)`` (as in
-   BENCHMARK.md section 1); ``suggested`` = what "Next" offers (:func:`labelsmart.active.suggest`), which is
+   BENCHMARK.md section 1); ``suggested`` = what "Next" offers (:func:`labelsmart.serving.active.suggest`), which is
    the sequential order until a model has scored the images;
 2. shows the pre-annotation through ``Session.preannotation`` (timed: a new image, then the same one cached)
    and records its mIoU, pixel accuracy and the fraction of pixels the annotator would have to change,
    against the ground truth;
-3. saves labels through ``Session.save``: ``scribble`` = simulated strokes (:mod:`labelsmart.scribble`);
+3. saves labels through ``Session.save``: ``scribble`` = simulated strokes (:mod:`labelsmart.bench.scribble`);
    ``correct`` = the pre-annotation with its wrong pixels replaced by the truth (pixels the truth leaves
    unlabelled stay unlabelled);
 4. waits ``seconds_per_image`` (a person's pace) while the trainer works, watching for new versions.
@@ -105,7 +106,7 @@ def image_scores(gt: np.ndarray, pred: np.ndarray, num_classes: int) -> dict[str
 def labels_for(kind: str, gt: np.ndarray, pred: np.ndarray | None) -> tuple[np.ndarray, int]:
     """The mask the simulated annotator saves, and how many pixels they changed from the pre-annotation."""
     if kind == "scribble":
-        from labelsmart.scribble import simulate_scribbles
+        from labelsmart.bench.scribble import simulate_scribbles
 
         mask = simulate_scribbles(gt)
         return mask, int((mask != IGNORE_INDEX).sum())
@@ -125,7 +126,7 @@ def evaluate_version(
     onnx_path: Path, eval_dir: Path, names: Sequence[str], files: Mapping[str, str], threads: int
 ) -> dict:
     """mIoU and pixel accuracy of one ONNX model over a split (one confusion matrix, full resolution)."""
-    from labelsmart.predictor import OnnxModel
+    from labelsmart.serving.predictor import OnnxModel
 
     model = OnnxModel(onnx_path, threads=threads or None, device="cpu")
     k = model.num_classes
@@ -140,10 +141,10 @@ def evaluate_version(
 
 def run_loop(settings: LoopSettings, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run the simulated annotator once; returns the summary (also the last line of ``loop.jsonl``)."""
-    from labelsmart import active
-    from labelsmart.predictor import Predictor
-    from labelsmart.trainer import Supervisor
-    from labelsmart.ui import Session
+    from labelsmart.app.session import Session
+    from labelsmart.serving import active
+    from labelsmart.serving.predictor import Predictor
+    from labelsmart.training.trainer import Supervisor
 
     st = settings
     say = progress or (lambda msg: log.info("%s", msg))

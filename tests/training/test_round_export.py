@@ -11,14 +11,15 @@ import pytest
 import torch
 from conftest import scribbles, synth_scene
 
-from labelsmart import config, export
-from labelsmart.data import LabelledSet, load_snapshot
-from labelsmart.export import ExportError, export_onnx
-from labelsmart.losses import class_weights
-from labelsmart.model import load_checkpoint
+from labelsmart import config
 from labelsmart.project import open_project
 from labelsmart.store import Store
-from labelsmart.train import RoundCancelled, RoundResult, run_round, split_validation, unlabelled_images
+from labelsmart.training import export
+from labelsmart.training.data import LabelledSet, load_snapshot
+from labelsmart.training.export import ExportError, export_onnx
+from labelsmart.training.losses import class_weights
+from labelsmart.training.model import load_checkpoint
+from labelsmart.training.round import RoundCancelled, RoundResult, run_round, split_validation, unlabelled_images
 
 
 @pytest.fixture
@@ -137,7 +138,7 @@ def test_warm_start_survives_a_new_class(project, tmp_path: Path, caplog) -> Non
     cfg, store = project
     first = run_round(cfg, store, store.snapshot(), 1, tmp_path / "v1", steps=2)
     store.add_class("extra")
-    caplog.set_level("INFO", logger="labelsmart.train")
+    caplog.set_level("INFO", logger="labelsmart.training.round")
     second = run_round(cfg, store, store.snapshot(), 2, tmp_path / "v2", init_checkpoint=first.checkpoint, steps=2)
     assert "class head reset: 3 -> 4 classes" in caplog.text
     model, ckpt = load_checkpoint(second.checkpoint)

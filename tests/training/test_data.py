@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from labelsmart import config
-from labelsmart.data import LabelledSet, load_snapshot, random_scale_crop_flip
 from labelsmart.store import Store
+from labelsmart.training.data import LabelledSet, load_snapshot, random_scale_crop_flip
 
 
 def _cfg(**train: object) -> config.Config:

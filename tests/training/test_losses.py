@@ -7,7 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from labelsmart.losses import class_weights, masked_cross_entropy, sample_pixels, supervised_pixel_contrastive_loss
+from labelsmart.training.losses import (
+    class_weights,
+    masked_cross_entropy,
+    sample_pixels,
+    supervised_pixel_contrastive_loss,
+)
 
 
 def test_contrastive_loss_by_hand_symmetric() -> None:

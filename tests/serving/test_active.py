@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 from conftest import TOY_CLASSES, write_toy_model
 
-from labelsmart import active, config
+from labelsmart import config
 from labelsmart.config import ActiveConfig
-from labelsmart.predictor import OnnxModel
 from labelsmart.project import open_project
+from labelsmart.serving import active
+from labelsmart.serving.predictor import OnnxModel
 
 H, W = 48, 64
 
@@ -133,8 +134,8 @@ def test_heatmap_is_drawn_at_the_image_size():
 
 
 def test_trainer_scores_after_publishing(tiny_cfg, tmp_path, monkeypatch):
-    from labelsmart import trainer
-    from labelsmart.trainer import TrainerLoop
+    from labelsmart.training import trainer
+    from labelsmart.training.trainer import TrainerLoop
 
     store = open_project(tiny_cfg)
     img = store.images()[0]

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from labelsmart import cli, loop
+from labelsmart import cli
+from labelsmart.bench import annotation_loop as loop
 
 FAST = {
     "train.steps": 10,

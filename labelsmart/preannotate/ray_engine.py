@@ -1,12 +1,12 @@
-"""``preannotate --engine ray``: the batch pre-annotation of :mod:`labelsmart.batch` on a Ray cluster.
+"""``preannotate --engine ray``: the batch pre-annotation of :mod:`labelsmart.preannotate.pipeline` on a Ray cluster.
 
 Ray Data streams the same three steps as the local pipeline, each where it runs best:
 
-1. read: CPU tasks decode the images and prepare the network inputs (:func:`labelsmart.batch.load_item`);
+1. read: CPU tasks decode the images and prepare the network inputs (:func:`labelsmart.preannotate.pipeline.load_item`);
 2. infer: a pool of ONNX Runtime actors (one per GPU where the cluster has GPUs, else CPU actors) turns
    the inputs into masks and confidences;
 3. write: CPU tasks write the overlays and palette masks and return each image's manifest record
-   (:func:`labelsmart.batch.write_outputs`).
+   (:func:`labelsmart.preannotate.pipeline.write_outputs`).
 
 The driver appends the records to the manifest as they stream back, so resuming, the manifest and the
 COCO file work exactly as with the local engine, and the files written are the same. The model file, the
@@ -25,7 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from labelsmart import batch, imageio
+from labelsmart import imageio
+from labelsmart.preannotate import pipeline as batch
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ class _Infer:
     """Ray Data step 2: an actor holding one ONNX Runtime session (on its GPU when it was given one)."""
 
     def __init__(self, model_path: str, threads: int, device: str) -> None:
-        from labelsmart.predictor import OnnxModel
+        from labelsmart.serving.predictor import OnnxModel
 
         self.model = OnnxModel(Path(model_path), threads=threads or None, device=device)
 
@@ -156,7 +157,7 @@ def run_ray(
     """
     import json
 
-    from labelsmart.predictor import OnnxModel
+    from labelsmart.serving.predictor import OnnxModel
 
     if not todo:
         return

@@ -72,7 +72,8 @@ def run_one_round(
     Returns:
         The published registry row.
     """
-    from labelsmart import export, train  # torch lives there; keep this module light for the UI
+    from labelsmart.training import export  # torch lives there; keep this module light for the UI
+    from labelsmart.training import round as train  # torch lives there; keep this module light for the UI
 
     classes = store.classes()
     if len(classes) < 2:
@@ -270,7 +271,7 @@ class TrainerLoop:
         acfg = self.cfg.active
         if not acfg.score:
             return
-        from labelsmart import active
+        from labelsmart.serving import active
 
         def progress(done: int, total: int) -> None:
             self.write_status(state="scoring", message=f"scoring images with v{row.version}", step=done, total=total)

@@ -100,8 +100,8 @@ def test_bench_serve_user_errors(tmp_path: Path, capsys: pytest.CaptureFixture[s
 def test_bench_serve_against_pytorch(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from labelsmart import config
     from labelsmart.config import ModelConfig
-    from labelsmart.export import export_onnx
-    from labelsmart.model import build_model, save_checkpoint
+    from labelsmart.training.export import export_onnx
+    from labelsmart.training.model import build_model, save_checkpoint
 
     ckpt = tmp_path / "m.pt"
     save_checkpoint(ckpt, build_model(ModelConfig(), 3), config.Config(), CLASSES, version=1, step=0, metrics={})
@@ -126,9 +126,10 @@ def test_bench_serve_against_pytorch(tmp_path: Path, capsys: pytest.CaptureFixtu
 
 
 def test_flops_scale_with_pixels(tmp_path: Path) -> None:
-    from labelsmart import bench, config
+    from labelsmart import config
+    from labelsmart.bench import serve as bench
     from labelsmart.config import ModelConfig
-    from labelsmart.model import build_model, save_checkpoint
+    from labelsmart.training.model import build_model, save_checkpoint
 
     ckpt = tmp_path / "m.pt"
     save_checkpoint(ckpt, build_model(ModelConfig(), 3), config.Config(), CLASSES, version=1, step=0, metrics={})

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from labelsmart import imageio
-from labelsmart.predictor import OnnxModel
+from labelsmart.serving.predictor import OnnxModel
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +150,7 @@ def _bench_pytorch(
 ) -> dict[int, dict[str, float]]:
     import torch
 
-    from labelsmart.model import load_checkpoint
+    from labelsmart.training.model import load_checkpoint
 
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: PyTorch sees no CUDA GPU; run on a GPU machine or use --device cpu.")
@@ -194,8 +194,8 @@ def export_fp16(checkpoint: Path, path: Path, device: str = "cuda") -> Path:
     """The checkpoint's network in float16 (weights and input) as an ONNX file, for GPU serving."""
     import torch
 
-    from labelsmart.export import _export
-    from labelsmart.model import load_checkpoint
+    from labelsmart.training.export import _export
+    from labelsmart.training.model import load_checkpoint
 
     model, _ = load_checkpoint(checkpoint, map_location=device)
     model = model.half().eval()
@@ -227,7 +227,7 @@ def gpu_variants(
     """
     import onnxruntime as ort
 
-    from labelsmart.predictor import _providers_for, session_options
+    from labelsmart.serving.predictor import _providers_for, session_options
 
     def iobinding(sess: ort.InferenceSession, x: np.ndarray) -> Callable[[], Any]:
         value = ort.OrtValue.ortvalue_from_numpy(x, "cuda", 0)
@@ -297,7 +297,7 @@ def gpu_variants(
 
     import torch
 
-    from labelsmart.model import load_checkpoint
+    from labelsmart.training.model import load_checkpoint
 
     net, _ = load_checkpoint(Path(checkpoint), map_location="cuda")
     net = net.half().eval()
@@ -474,7 +474,7 @@ def tune_benchmark(
     full serving call (inference plus turning its output into a mask and a confidence at the image's size),
     everything else at the default. Options: intra-op ``threads``; graph ``optimization`` level; thread
     ``spinning``; ``postprocess`` (``host``: as the predictor does it, in NumPy/OpenCV; ``graph``: the same
-    steps appended to the graph, :meth:`~labelsmart.predictor.OnnxModel.masks`; its ``agreement`` with
+    steps appended to the graph, :meth:`~labelsmart.serving.predictor.OnnxModel.masks`; its ``agreement`` with
     ``host`` is the fraction of pixels with the same class); and ``first_call_ms``
     at a new input shape against a warmed one (why buckets with a warm-up matter).
     """
@@ -594,7 +594,7 @@ def flops_per_image(checkpoint: Path, input_hw: tuple[int, int]) -> float:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from labelsmart.model import load_checkpoint
+    from labelsmart.training.model import load_checkpoint
 
     model, _ = load_checkpoint(checkpoint, map_location="cpu")
     model.eval()
@@ -647,13 +647,13 @@ def preannotate_benchmark(
 
     Pure inference: the model alone on inputs prepared beforehand (the first 32 images), in batches of
     ``batch``, three passes before and three after the end-to-end run, the median of the six. End to end:
-    the streaming pipeline of :mod:`labelsmart.batch` on every image of the folder (or the first ``limit``),
-    reading, decoding, inferring, encoding and writing masks, overlays and the manifest into
+    the streaming pipeline of :mod:`labelsmart.preannotate.pipeline` on every image of the folder (or the first
+    ``limit``), reading, decoding, inferring, encoding and writing masks, overlays and the manifest into
     ``out_dir/preannotations`` (emptied first).
     """
     import shutil
 
-    from labelsmart import batch as batchmod
+    from labelsmart.preannotate import pipeline as batchmod
 
     images_dir = Path(images_dir)
     rels = list(imageio.list_images(images_dir))

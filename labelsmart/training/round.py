@@ -27,10 +27,22 @@ from torch.utils.data import DataLoader, Sampler
 
 from labelsmart import imageio, metrics
 from labelsmart.config import IGNORE_INDEX, Config, PreprocessConfig, TrainConfig
-from labelsmart.data import LabelledSet, UnlabelledSet, load_snapshot
-from labelsmart.losses import class_weights, masked_cross_entropy, sample_pixels, supervised_pixel_contrastive_loss
-from labelsmart.model import CheckpointError, SegModel, build_model, model_config_of, read_checkpoint, save_checkpoint
 from labelsmart.store import Snapshot, Store
+from labelsmart.training.data import LabelledSet, UnlabelledSet, load_snapshot
+from labelsmart.training.losses import (
+    class_weights,
+    masked_cross_entropy,
+    sample_pixels,
+    supervised_pixel_contrastive_loss,
+)
+from labelsmart.training.model import (
+    CheckpointError,
+    SegModel,
+    build_model,
+    model_config_of,
+    read_checkpoint,
+    save_checkpoint,
+)
 
 log = logging.getLogger(__name__)
 

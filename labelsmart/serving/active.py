@@ -127,7 +127,7 @@ def score_version(
 
     Args:
         store: the project store.
-        model: an :class:`labelsmart.predictor.OnnxModel` (anything with ``logits(batch)`` and ``pp``).
+        model: an :class:`labelsmart.serving.predictor.OnnxModel` (anything with ``logits(batch)`` and ``pp``).
         version: the registry version of ``model``.
         acfg: active-learning settings.
         should_stop: polled between images.
@@ -173,7 +173,7 @@ def score_version(
 
 def score_published(store: Store, row: Any, acfg: ActiveConfig, threads: int = 1, **kw: Any) -> int:
     """Load a published version's ONNX model on the CPU and score with it (what the trainer runs)."""
-    from labelsmart.predictor import OnnxModel
+    from labelsmart.serving.predictor import OnnxModel
 
     model = OnnxModel(Path(row.path) / "model.onnx", threads=threads, device="cpu", version=row.version)
     return score_version(store, model, row.version, acfg, **kw)

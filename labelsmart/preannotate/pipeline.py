@@ -1,10 +1,10 @@
 """Batch pre-annotation of a folder: a streaming pipeline where decoding, inference and writing overlap.
 
 The work per image is split in three functions shared by every engine (the local pipeline here and the Ray
-engine in :mod:`labelsmart.ray_engine`), so both write byte-identical files:
+engine in :mod:`labelsmart.preannotate.ray_engine`), so both write byte-identical files:
 
 - :func:`load_item`: read and decode the image, prepare the network input (any thread or process);
-- the model's :meth:`~labelsmart.predictor.OnnxModel.logits` on a batch of inputs of one padded size;
+- the model's :meth:`~labelsmart.serving.predictor.OnnxModel.logits` on a batch of inputs of one padded size;
 - :func:`finish_item`: logits -> mask and confidence at the image's size, overlay and palette mask written
   atomically, and the image's manifest record.
 
@@ -47,7 +47,7 @@ class ModelInfo:
 
     @classmethod
     def of(cls, model: Any) -> ModelInfo:
-        """From an :class:`~labelsmart.predictor.OnnxModel`."""
+        """From an :class:`~labelsmart.serving.predictor.OnnxModel`."""
         return cls(int(model.version), tuple(model.class_names), tuple(tuple(c) for c in model.colors))
 
 
@@ -232,7 +232,7 @@ def run_local(
     retried image by image, so one bad image fails alone.
 
     ``postprocess``: ``host`` turns logits into masks in the I/O threads (:func:`finish_item`); ``graph``
-    does it inside ONNX Runtime (:meth:`~labelsmart.predictor.OnnxModel.masks`), the winner on a GPU, where
+    does it inside ONNX Runtime (:meth:`~labelsmart.serving.predictor.OnnxModel.masks`), the winner on a GPU, where
     the host would otherwise resize every class's logits; images then batch by padded, working and
     original size together.
     """

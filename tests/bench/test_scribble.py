@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from labelsmart.scribble import simulate_scribbles
+from labelsmart.bench.scribble import simulate_scribbles
 
 
 def test_bar_becomes_its_centre_line():

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 from conftest import write_dataset
 
-from labelsmart import cli, labeleff
+from labelsmart import cli
+from labelsmart.bench.label_efficiency import BenchSpec, Cell
+from labelsmart.bench import label_efficiency as labeleff
 from labelsmart.config import TrainConfig
-from labelsmart.labeleff import BenchSpec, Cell
 
 NET_SETTINGS = {"train.crop": 64, "train.batch_size": 2, "preprocess.max_side": 128}
 KEYS = {
@@ -141,7 +142,7 @@ def test_rf_row_runs_writes_all_outputs_and_resumes(data: Path, tmp_path: Path, 
 
 
 def test_net_rows_train_through_run_round(data: Path, tmp_path: Path, monkeypatch):
-    from labelsmart import train
+    from labelsmart.training import round as train
 
     seen: list[tuple[float, int]] = []
     real = train.run_round

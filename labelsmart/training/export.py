@@ -21,7 +21,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from labelsmart.model import SegModel, load_checkpoint
+from labelsmart.training.model import SegModel, load_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ def export_onnx(checkpoint: Path, out: Path, metrics: dict[str, Any] | None = No
     """Export a checkpoint's segmentation path to ``out`` and write its sidecar ``out.with_suffix(".json")``.
 
     Args:
-        checkpoint: ``model.pt`` written by :func:`labelsmart.model.save_checkpoint`.
+        checkpoint: ``model.pt`` written by :func:`labelsmart.training.model.save_checkpoint`.
         out: target ``.onnx`` file; its folder is created.
         metrics: metrics for the sidecar; the checkpoint's own when None.
         opset: ONNX opset.

@@ -15,11 +15,11 @@ import pytest
 from conftest import CLASSES, pid_alive, scribbles, synth_scene
 
 from labelsmart import imageio
-from labelsmart.predictor import Predictor
+from labelsmart.app.session import Session
 from labelsmart.project import open_project
-from labelsmart.ui import Session
+from labelsmart.serving.predictor import Predictor
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -89,7 +89,7 @@ def _publish_toy(session: Session, tmp_path: Path, metrics: dict | None = None) 
 
 
 def test_next_offers_the_suggested_image_and_shows_its_uncertainty(session: Session, tmp_path: Path):
-    from labelsmart import active
+    from labelsmart.serving import active
 
     store = session.store
     ids = [r.id for r in store.images()]
@@ -129,7 +129,7 @@ def test_progress_panel(session: Session, tmp_path: Path):
 
 
 def test_build_ui_wires_next_progress_and_shortcuts(session: Session):
-    from labelsmart.ui import SHORTCUTS, SHORTCUTS_JS, build_ui
+    from labelsmart.app.session import SHORTCUTS, SHORTCUTS_JS, build_ui
 
     demo = build_ui(session)
     ids = {getattr(b, "elem_id", None) for b in demo.blocks.values()}

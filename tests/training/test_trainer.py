@@ -11,7 +11,7 @@ from conftest import pid_alive
 
 from labelsmart.config import TriggerConfig
 from labelsmart.project import open_project
-from labelsmart.trainer import Supervisor, TrainerLoop, TriggerState, should_start
+from labelsmart.training.trainer import Supervisor, TrainerLoop, TriggerState, should_start
 
 TRIG = TriggerConfig(min_new_pixels=100, min_interval_s=30.0, min_classes=2)
 
@@ -42,7 +42,7 @@ def _label(store, image_id: int, classes: tuple[int, ...]) -> None:
 
 
 def test_loop_waits_then_trains_and_a_failed_round_is_reported_not_fatal(tiny_cfg, monkeypatch):
-    from labelsmart import trainer
+    from labelsmart.training import trainer
 
     store = open_project(tiny_cfg)
     calls = []
@@ -64,7 +64,7 @@ def test_loop_waits_then_trains_and_a_failed_round_is_reported_not_fatal(tiny_cf
 
 
 def test_train_now_request_is_consumed(tiny_cfg, monkeypatch):
-    from labelsmart import trainer
+    from labelsmart.training import trainer
 
     store = open_project(tiny_cfg)
     _label(store, store.images()[0].id, (0, 2))
@@ -118,7 +118,7 @@ def test_trainer_exits_when_the_app_is_killed(tiny_cfg):
         "sys.path.insert(0, os.getcwd())\n"
         "from labelsmart import config\n"
         "from labelsmart.store import Store\n"
-        "from labelsmart.trainer import Supervisor\n"
+        "from labelsmart.training.trainer import Supervisor\n"
         f"cfg = config.load({{'dataset': {str(tiny_cfg.dataset)!r}, 'workdir': {str(tiny_cfg.workdir)!r}, "
         "'trigger.poll_s': 0.2}, env={})\n"
         "sup = Supervisor(cfg, Store(cfg.db_path, image_root=cfg.image_root)); sup.start()\n"
@@ -137,7 +137,7 @@ def test_trainer_exits_when_the_app_is_killed(tiny_cfg):
 def test_background_rounds_are_capped_in_time_unless_the_user_set_a_cap(tiny_cfg, monkeypatch):
     import dataclasses
 
-    from labelsmart import trainer
+    from labelsmart.training import trainer
 
     store = open_project(tiny_cfg)
     _label(store, store.images()[0].id, (0, 1))

@@ -1,4 +1,4 @@
-"""Streaming batch pre-annotation (labelsmart.batch) and its COCO output, on a hand-built ONNX model."""
+"""Streaming batch pre-annotation (labelsmart.preannotate.pipeline) and its COCO output, on a hand-built ONNX model."""
 
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ import pytest
 from conftest import synth_scene, write_toy_model
 from pycocotools import mask as mask_utils
 
-from labelsmart import batch, imageio
+from labelsmart import imageio
 from labelsmart.cli import main
-from labelsmart.predictor import OnnxModel
+from labelsmart.preannotate import pipeline as batch
+from labelsmart.serving.predictor import OnnxModel
 
 
 def write_images(root: Path, n: int, sizes: list[tuple[int, int]]) -> list[Path]:

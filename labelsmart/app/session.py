@@ -15,8 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from labelsmart import active, imageio
+from labelsmart import imageio
 from labelsmart.config import IGNORE_INDEX, Config
+from labelsmart.serving import active
 from labelsmart.store import Store, StoreError
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ class Session:
     Args:
         cfg: configuration.
         store: the project store.
-        predictor: a :class:`labelsmart.predictor.Predictor` (or anything with ``refresh``, ``version``,
+        predictor: a :class:`labelsmart.serving.predictor.Predictor` (or anything with ``refresh``, ``version``,
             ``providers`` and ``predict(image_id)``).
         supervisor: the trainer supervisor, or None when no trainer runs in this process.
     """

@@ -3,15 +3,15 @@
 For each labelled-subset size N and label form (dense masks or simulated scribbles) every row trains on the
 same N pool images and is scored on one or more evaluation splits:
 
-- ``labelsmart``: one round of :func:`labelsmart.train.run_round`, the code the background trainer runs,
+- ``labelsmart``: one round of :func:`labelsmart.training.round.run_round`, the code the background trainer runs,
   with the shipped ``TrainConfig`` (the project store is built in a temporary folder: the whole pool split
   is registered as images, only the N chosen ones are labelled);
 - ``ce-only``: plain cross-entropy, the same round with every contrastive part and the class balancing
-  switched off (:func:`labelsmart.train.ce_only`), same steps or minutes;
+  switched off (:func:`labelsmart.training.round.ce_only`), same steps or minutes;
 - ``contrastive``: the same round with the paper's two-stage recipe, whatever the defaults are: 30 % of the
   budget on supervised pixel contrastive pretraining, then cross-entropy (``--set
   train.pretrain_fraction=F`` changes the split);
-- ``rf``: the ilastik-style peer of :mod:`labelsmart.peer`.
+- ``rf``: the ilastik-style peer of :mod:`labelsmart.bench.rf_baseline`.
 
 A *cell* is one (row, N, label form) under one budget. Each cell runs in its own spawned process (so its
 peak resident memory is its own, and a crash or out-of-memory kill ends that cell only), appends one line
@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from labelsmart import imageio, metrics
-from labelsmart.bench import cpu_description, git_commit
+from labelsmart.bench.serve import cpu_description, git_commit
 from labelsmart.config import IGNORE_INDEX, IMAGE_EXTENSIONS
 
 log = logging.getLogger(__name__)
@@ -145,7 +145,7 @@ def make_labels(mask: np.ndarray, form: str) -> np.ndarray:
     if form == "dense":
         return mask.copy()
     if form == "scribble":
-        from labelsmart.scribble import simulate_scribbles
+        from labelsmart.bench.scribble import simulate_scribbles
 
         return simulate_scribbles(mask)
     raise BenchError(f"--labels {form}: unknown label form; use dense and/or scribble.")
@@ -263,7 +263,8 @@ def cells_of(spec: BenchSpec) -> list[Cell]:
 
 def _net_config(spec: BenchSpec, row: str) -> Any:
     """The configuration a net row trains with: the shipped defaults, the bench's device/threads/seed/budget."""
-    from labelsmart import config, train
+    from labelsmart import config
+    from labelsmart.training import round as train
 
     args: dict[str, Any] = {
         "train.device": spec.device,
@@ -289,9 +290,9 @@ def _run_net(
     import torch
     from tqdm import tqdm
 
-    from labelsmart import train
-    from labelsmart.model import load_checkpoint
     from labelsmart.store import Store, load_classes_file
+    from labelsmart.training import round as train
+    from labelsmart.training.model import load_checkpoint
 
     cfg = _net_config(spec, cell.row)
     store = Store(workdir / "project.sqlite", image_root=pool.root / "images")
@@ -352,7 +353,7 @@ def _run_rf(
     spec: BenchSpec, pool: DataFolder, names: list[str], masks: list[np.ndarray]
 ) -> tuple[Callable[[np.ndarray], np.ndarray], dict[str, Any]]:
     """Fit the random-forest peer; returns ``(predict, facts)``."""
-    from labelsmart.peer import N_ESTIMATORS, RandomForestPeer
+    from labelsmart.bench.rf_baseline import N_ESTIMATORS, RandomForestPeer
 
     t0 = time.monotonic()
     peer = RandomForestPeer(seed=0, n_jobs=spec.threads or os.cpu_count() or 1)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from labelsmart.config import Config, ModelConfig
-from labelsmart.model import CheckpointError, build_model, load_checkpoint, save_checkpoint
+from labelsmart.training.model import CheckpointError, build_model, load_checkpoint, save_checkpoint
 
 CLASSES = [{"id": 0, "name": "a", "color": [1, 2, 3]}, {"id": 1, "name": "b", "color": [4, 5, 6]}]
 

@@ -1,0 +1,1 @@
+"""The browser app: UI handlers on plain values (:mod:`~labelsmart.app.session`) and the Gradio layout."""
