@@ -215,8 +215,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_preannotate(args: argparse.Namespace) -> int:
     """Pre-annotate a folder of images with an ONNX model: index masks, overlays, a manifest, optionally COCO.
 
-    Decoding, inference and writing overlap (see :mod:`labelsmart.preannotate.pipeline`); ``--engine ray`` runs the
-    same work on a Ray cluster (see :mod:`labelsmart.preannotate.ray_engine`). Images done by an earlier run are skipped.
+    Decoding, inference and writing overlap (see :mod:`labelsmart.preannotate.pipeline`); ``--engine ray`` runs
+    the same work on a Ray cluster (see :mod:`labelsmart.preannotate.ray_engine`). Images done by an earlier run
+    are skipped.
     """
     from tqdm import tqdm
 

@@ -7,7 +7,7 @@ same N pool images and is scored on one or more evaluation splits:
   with the shipped ``TrainConfig`` (the project store is built in a temporary folder: the whole pool split
   is registered as images, only the N chosen ones are labelled);
 - ``ce-only``: plain cross-entropy, the same round with every contrastive part and the class balancing
-  switched off (:func:`labelsmart.training.round.ce_only`), same steps or minutes;
+  switched off (:func:`ce_only`), same steps or minutes;
 - ``contrastive``: the same round with the paper's two-stage recipe, whatever the defaults are: 30 % of the
   budget on supervised pixel contrastive pretraining, then cross-entropy (``--set
   train.pretrain_fraction=F`` changes the split);
@@ -42,7 +42,7 @@ import numpy as np
 
 from labelsmart import imageio, metrics
 from labelsmart.bench.serve import cpu_description, git_commit
-from labelsmart.config import IGNORE_INDEX, IMAGE_EXTENSIONS
+from labelsmart.config import IGNORE_INDEX, IMAGE_EXTENSIONS, Config, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +93,10 @@ class DataFolder:
                 if (images / cand).is_file():
                     return Path(cand)
         raise BenchError(f"{images / name}: no image file with this name (.jpg/.png); check splits.json.")
+
+    def read_image(self, name: str) -> np.ndarray:
+        """The RGB uint8 image ``(H, W, 3)`` of one name."""
+        return imageio.read_image(self.root / "images" / self.image_rel(name))
 
     def read(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         """``(image RGB uint8 (H, W, 3), mask uint8 (H, W))`` of one name; 255 = void."""
@@ -261,10 +265,15 @@ def cells_of(spec: BenchSpec) -> list[Cell]:
 # ------------------------------------------------------------------------------------------- one cell
 
 
-def _net_config(spec: BenchSpec, row: str) -> Any:
+def ce_only(tc: TrainConfig) -> TrainConfig:
+    """Plain cross-entropy, the baseline row: the shipped round with every contrastive part and the class
+    balancing switched off."""
+    return dataclasses.replace(tc, pretrain_fraction=0.0, contrastive_weight=0.0, pseudo_weight=0.0, class_balance=0.0)
+
+
+def _net_config(spec: BenchSpec, row: str) -> Config:
     """The configuration a net row trains with: the shipped defaults, the bench's device/threads/seed/budget."""
     from labelsmart import config
-    from labelsmart.training import round as train
 
     args: dict[str, Any] = {
         "train.device": spec.device,
@@ -276,7 +285,7 @@ def _net_config(spec: BenchSpec, row: str) -> Any:
     args.update(spec.overrides)
     cfg = config.load(args)
     if row == "ce-only":
-        cfg = dataclasses.replace(cfg, train=train.ce_only(cfg.train))
+        cfg = dataclasses.replace(cfg, train=ce_only(cfg.train))
     elif row == "contrastive":
         split = float(spec.overrides.get("train.pretrain_fraction", PAPER_PRETRAIN_FRACTION))
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, pretrain_fraction=split))
@@ -284,28 +293,36 @@ def _net_config(spec: BenchSpec, row: str) -> Any:
 
 
 def _run_net(
-    spec: BenchSpec, cell: Cell, pool: DataFolder, names: list[str], masks: list[np.ndarray], workdir: Path
+    spec: BenchSpec, cell: Cell, pool: DataFolder, names: list[str], masks: list[np.ndarray]
 ) -> tuple[Callable[[np.ndarray], np.ndarray], dict[str, Any]]:
-    """Train one net cell through ``run_round`` on a temporary project; returns ``(predict, facts)``."""
+    """Train one net cell with ``run_round``, the background trainer's round; returns ``(predict, facts)``.
+
+    The N labelled images train in the order of the pool split (the order a project lists them in); the rest
+    of the pool split is the unlabelled material an objective may learn from, as in a labelling session.
+    """
     import torch
     from tqdm import tqdm
 
-    from labelsmart.store import Store, load_classes_file
-    from labelsmart.training import round as train
-    from labelsmart.training.model import load_checkpoint
+    from labelsmart.training import round as training_round
+    from labelsmart.training.validation import predict_mask
 
     cfg = _net_config(spec, cell.row)
-    store = Store(workdir / "project.sqlite", image_root=pool.root / "images")
-    store.ensure_classes(load_classes_file(pool.root / "classes.json"), source=str(pool.root / "classes.json"))
-    # The whole pool split is at hand, as in a labelling session; only the N chosen images are labelled.
     pool_names = pool.names(spec.pool_split)
-    store.sync_images(paths=[pool.image_rel(n) for n in pool_names])
-    for name, mask in zip(names, masks, strict=True):
-        image_id = store.image_id_by_path(pool.image_rel(name).as_posix())
-        if image_id is None:
-            raise BenchError(f"{pool.root / 'images' / pool.image_rel(name)}: unreadable image; replace or drop it.")
-        store.save_label(image_id, mask, author="bench", source="bench")
-    snapshot = store.snapshot()
+    position = {n: i for i, n in enumerate(pool_names)}
+    labelled = sorted(zip(names, masks, strict=True), key=lambda nm: position[nm[0]])
+    chosen = set(names)
+
+    def unlabelled() -> list[np.ndarray]:
+        rest = sorted((n for n in pool_names if n not in chosen), key=lambda n: pool.image_rel(n).as_posix())
+        drawn = training_round.sample_unlabelled(rest, cfg.train.unlabelled_images, cfg.train.seed)
+        return [pool.read_image(n) for n in sorted(drawn, key=position.__getitem__)]
+
+    classes = [
+        {"id": k, "name": n, "color": list(c)} for k, (n, c) in enumerate(zip(pool.classes, pool.colors, strict=True))
+    ]
+    data = training_round.RoundData(
+        train=[(pool.read_image(n), m) for n, m in labelled], classes=classes, unlabelled=unlabelled
+    )
     steps = spec.steps if spec.steps is not None else (MINUTES_STEPS if spec.minutes is not None else cfg.train.steps)
     bar = tqdm(desc=f"  {cell.key(spec)}", unit="step", file=sys.stderr, dynamic_ncols=True, leave=False, mininterval=1)
 
@@ -316,17 +333,14 @@ def _run_net(
         bar.refresh()
 
     try:
-        result = train.run_round(cfg, store, snapshot, 1, workdir / "v0001", steps=steps, progress=progress)
+        result = training_round.run_round(cfg, data, 1, steps=steps, progress=progress)
     finally:
         bar.close()
-        store.close()
-    device = train.resolve_device(cfg.train.device)
-    model, _ = load_checkpoint(result.checkpoint, map_location=device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    device = training_round.resolve_device(cfg.train.device)
+    model = result.model.eval()
 
     def predict(image: np.ndarray) -> np.ndarray:
-        return train.predict_mask(model, image, cfg.preprocess, device)
+        return predict_mask(model, image, cfg.preprocess, device)
 
     facts = {
         "train_seconds": round(result.seconds, 2),
@@ -383,48 +397,47 @@ def run_cell(spec: BenchSpec, cell: Cell, eval_splits: Sequence[str]) -> list[di
     names = select_subset(pool.names(spec.pool_split), cell.n_labeled)
     masks = [make_labels(pool.read(n)[1], cell.labels) for n in names]
     labelled = int(sum(int((m != IGNORE_INDEX).sum()) for m in masks))
-    with tempfile.TemporaryDirectory(prefix="labeleff-") as tmp:
-        if cell.row == "rf":
-            predict, facts = _run_rf(spec, pool, names, masks)
-        elif cell.row in NET_ROWS:
-            predict, facts = _run_net(spec, cell, pool, names, masks, Path(tmp))
-        else:
-            raise BenchError(f"--rows {cell.row}: unknown row; use {', '.join(ROWS)}.")
-        records = []
-        for split in eval_splits:
-            eval_names = evald.names(split)
-            t0 = time.monotonic()
-            with tqdm(total=len(eval_names), desc=f"  eval {split}", unit="img", file=sys.stderr, leave=False) as bar:
-                res = evaluate(predict, evald, eval_names, bar)
-            records.append(
-                {
-                    "row": cell.row,
-                    "variant": spec.variant if cell.row in NET_ROWS else "",
-                    "n_labeled": cell.n_labeled,
-                    "labels": cell.labels,
-                    "eval_split": split,
-                    "miou": res["miou"],
-                    "per_class_iou": {evald.classes[k]: v for k, v in res["per_class_iou"].items()},
-                    "pixel_acc": res["pixel_acc"],
-                    "labelled_pixels": labelled,
-                    "labelled_fraction": labelled / float(sum(m.size for m in masks)),
-                    "eval_images": res["images"],
-                    "eval_seconds": round(time.monotonic() - t0, 2),
-                    **facts,
-                    "budget": spec.budget() if cell.row in NET_ROWS else "rf",
-                    "budget_steps": spec.steps,
-                    "budget_minutes": spec.minutes,
-                    "seed": spec.seed,
-                    "pool": str(spec.pool),
-                    "pool_split": spec.pool_split,
-                    "eval": str(spec.eval),
-                    "images": names,
-                    "cell": cell.key(spec),
-                    "commit": git_commit(),
-                    "cpu": cpu_description(),
-                    "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-                }
-            )
+    if cell.row == "rf":
+        predict, facts = _run_rf(spec, pool, names, masks)
+    elif cell.row in NET_ROWS:
+        predict, facts = _run_net(spec, cell, pool, names, masks)
+    else:
+        raise BenchError(f"--rows {cell.row}: unknown row; use {', '.join(ROWS)}.")
+    records = []
+    for split in eval_splits:
+        eval_names = evald.names(split)
+        t0 = time.monotonic()
+        with tqdm(total=len(eval_names), desc=f"  eval {split}", unit="img", file=sys.stderr, leave=False) as bar:
+            res = evaluate(predict, evald, eval_names, bar)
+        records.append(
+            {
+                "row": cell.row,
+                "variant": spec.variant if cell.row in NET_ROWS else "",
+                "n_labeled": cell.n_labeled,
+                "labels": cell.labels,
+                "eval_split": split,
+                "miou": res["miou"],
+                "per_class_iou": {evald.classes[k]: v for k, v in res["per_class_iou"].items()},
+                "pixel_acc": res["pixel_acc"],
+                "labelled_pixels": labelled,
+                "labelled_fraction": labelled / float(sum(m.size for m in masks)),
+                "eval_images": res["images"],
+                "eval_seconds": round(time.monotonic() - t0, 2),
+                **facts,
+                "budget": spec.budget() if cell.row in NET_ROWS else "rf",
+                "budget_steps": spec.steps,
+                "budget_minutes": spec.minutes,
+                "seed": spec.seed,
+                "pool": str(spec.pool),
+                "pool_split": spec.pool_split,
+                "eval": str(spec.eval),
+                "images": names,
+                "cell": cell.key(spec),
+                "commit": git_commit(),
+                "cpu": cpu_description(),
+                "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            }
+        )
     peak = _peak_rss_mb()
     for r in records:
         r.update(peak)

@@ -1,4 +1,4 @@
-"""Torch datasets over label snapshots: working-scale pairs, geometric and photometric augmentation.
+"""Torch datasets over labelled images: working-scale pairs, geometric and photometric augmentation.
 
 Images and masks are resized to working scale once (the same :mod:`labelsmart.imageio` path the predictor
 uses; masks with the stroke-preserving resize). Each item is a random scale / crop / flip applied to
@@ -19,44 +19,11 @@ from torch.utils.data import Dataset
 
 from labelsmart import imageio
 from labelsmart.config import IGNORE_INDEX, Config
-from labelsmart.store import Snapshot, Store
 
 log = logging.getLogger(__name__)
 
 SCALE_RANGE = (0.75, 1.5)
 CROP_TRIES = 5  # random crops tried before centring one on a labelled pixel
-
-
-def load_snapshot(
-    store: Store, snapshot: Snapshot, ids: list[int] | None = None
-) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Read the images and label revisions of a snapshot at full size.
-
-    Args:
-        store: project store.
-        snapshot: the revisions to read.
-        ids: only these image ids (in snapshot order); all when None.
-
-    Returns:
-        ``[(image RGB uint8 (H, W, 3), mask uint8 (H, W), 255 = unlabelled)]`` in snapshot order.
-
-    Raises:
-        ValueError: a mask does not match its image's size.
-    """
-    wanted = None if ids is None else set(ids)
-    pairs = []
-    for image_id, revision_id in snapshot.revisions:
-        if wanted is not None and image_id not in wanted:
-            continue
-        image = store.read_image(image_id)
-        mask = store.load_revision(revision_id)
-        if mask.shape != image.shape[:2]:
-            raise ValueError(
-                f"label revision {revision_id} is {mask.shape[1]}x{mask.shape[0]} but image "
-                f"{store.image(image_id).path} is {image.shape[1]}x{image.shape[0]}; relabel the image."
-            )
-        pairs.append((image, mask))
-    return pairs
 
 
 # ------------------------------------------------------------------------------------------ augmentation

@@ -17,11 +17,17 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from labelsmart.config import Config, TriggerConfig
-from labelsmart.store import ModelRow, Store
+import numpy as np
+
+from labelsmart import imageio
+from labelsmart.config import Config, TrainConfig, TriggerConfig
+from labelsmart.store import ModelRow, Snapshot, Store
+from labelsmart.store.registry import CHECKPOINT_NAME, ONNX_NAME, staging_dir, version_dir
+
+if TYPE_CHECKING:
+    from labelsmart.training.round import RoundData
 
 log = logging.getLogger(__name__)
 
@@ -32,21 +38,74 @@ class TrainerError(RuntimeError):
     """A round cannot run; the message says what the user can do."""
 
 
-def version_dir(cfg: Config, version: int) -> Path:
-    """Registry folder of a model version: ``models/<project>/vNNNN``."""
-    return cfg.project_models_dir / f"v{version:04d}"
+def load_snapshot(
+    store: Store, snapshot: Snapshot, ids: list[int] | None = None
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Read the images and label revisions of a snapshot at full size.
+
+    Args:
+        store: project store.
+        snapshot: the revisions to read.
+        ids: only these image ids (in snapshot order); all when None.
+
+    Returns:
+        ``[(image RGB uint8 (H, W, 3), mask uint8 (H, W), 255 = unlabelled)]`` in snapshot order.
+
+    Raises:
+        ValueError: a mask does not match its image's size.
+    """
+    wanted = None if ids is None else set(ids)
+    pairs = []
+    for image_id, revision_id in snapshot.revisions:
+        if wanted is not None and image_id not in wanted:
+            continue
+        image = store.read_image(image_id)
+        mask = store.load_revision(revision_id)
+        if mask.shape != image.shape[:2]:
+            raise ValueError(
+                f"label revision {revision_id} is {mask.shape[1]}x{mask.shape[0]} but image "
+                f"{store.image(image_id).path} is {image.shape[1]}x{image.shape[0]}; relabel the image."
+            )
+        pairs.append((image, mask))
+    return pairs
 
 
-def newest_published_onnx(cfg: Config, store: Store) -> Path | None:
-    """``model.onnx`` of the newest published version, or None."""
-    row = store.latest_published()
-    return Path(row.path) / "model.onnx" if row else None
+def unlabelled_images(store: Store, labelled: set[int], limit: int, seed: int) -> list[np.ndarray]:
+    """Up to ``limit`` project images with no labels (a seeded draw, in path order), read at full size.
+
+    An image that cannot be read is skipped with a warning: it costs the round one unlabelled crop source,
+    not the round.
+    """
+    from labelsmart.training.round import sample_unlabelled
+
+    ids = [row.id for row in store.images() if row.id not in labelled and row.labelled_pixels == 0]
+    ids = sorted(sample_unlabelled(ids, limit, seed))
+    images = []
+    for image_id in ids:
+        try:
+            images.append(store.read_image(image_id))
+        except (imageio.ImageError, OSError) as exc:
+            log.warning("unlabelled image %d skipped: %s", image_id, exc)
+    return images
 
 
-def newest_published_checkpoint(store: Store) -> Path | None:
-    """``model.pt`` of the newest published version, or None."""
-    row = store.latest_published()
-    return Path(row.path) / "model.pt" if row else None
+def round_data(store: Store, snapshot: Snapshot, tc: TrainConfig) -> RoundData:
+    """What a round learns from, read from the store: the snapshot's labelled images (every ``val_every``-th held
+    out for validation once ``val_min_images`` are labelled), the classes, and the unlabelled images (read only
+    if the round's objective uses them)."""
+    from labelsmart.training.round import RoundData, split_validation
+
+    ids = snapshot.image_ids
+    train_ids, val_ids = split_validation(ids, tc)
+    by_id = dict(zip(ids, load_snapshot(store, snapshot), strict=True))
+    classes = [{"id": c.id, "name": c.name, "color": list(c.color)} for c in store.classes()]
+    labelled = set(ids)
+    return RoundData(
+        train=[by_id[i] for i in train_ids],
+        val=[by_id[i] for i in val_ids],
+        classes=classes,
+        unlabelled=lambda: unlabelled_images(store, labelled, tc.unlabelled_images, tc.seed),
+    )
 
 
 def run_one_round(
@@ -58,9 +117,9 @@ def run_one_round(
 ) -> ModelRow:
     """Snapshot the labels, train a round (warm-started), export, parity-check and publish a version.
 
-    The version's files are built in a hidden temporary folder and moved into place with one rename;
-    only then is the registry row flipped to published. On any failure the row is marked failed, the
-    temporary folder removed, and the exception re-raised; the last good model keeps serving.
+    The version's files are built in a hidden staging folder and moved into place with one rename; only then
+    is the registry row flipped to published. On any failure the row is marked failed, the staging folder
+    removed, and the exception re-raised; the last good model keeps serving.
 
     Args:
         cfg: configuration.
@@ -73,40 +132,33 @@ def run_one_round(
         The published registry row.
     """
     from labelsmart.training import export  # torch lives there; keep this module light for the UI
-    from labelsmart.training import round as train  # torch lives there; keep this module light for the UI
+    from labelsmart.training import round as training_round
 
-    classes = store.classes()
-    if len(classes) < 2:
+    if len(store.classes()) < 2:
         raise TrainerError("a model needs at least two classes; add classes first.")
     snapshot = store.snapshot()
     if not snapshot.revisions:
         raise TrainerError("no labelled images yet; paint some strokes and save them first.")
     previous = store.latest_published()
-    init = Path(previous.path) / "model.pt" if previous else None
+    init = previous.checkpoint if previous else None
     if init is not None and not init.is_file():
         log.warning("previous checkpoint %s is missing; training from scratch", init)
         init = None
     if steps is None:
         steps = cfg.train.steps if previous else cfg.train.first_round_steps
     version = store.begin_model(cfg.project_models_dir, snapshot)
-    final = version_dir(cfg, version)
-    tmp = final.with_name(f".{final.name}.tmp")
+    final = version_dir(cfg.project_models_dir, version)
+    tmp = staging_dir(final)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     report = progress or (lambda _info: None)
     started = time.monotonic()
     try:
-        result = train.run_round(
-            cfg,
-            store,
-            snapshot,
-            version,
-            tmp,
-            init_checkpoint=init,
-            steps=steps,
-            progress=report,
-            should_stop=should_stop,
+        data = round_data(store, snapshot, cfg.train)
+        result = training_round.run_round(
+            cfg, data, version, init_checkpoint=init, steps=steps, progress=report, should_stop=should_stop
         )
+        checkpoint = result.save(tmp / CHECKPOINT_NAME)
         report({"stage": "exporting", "step": result.steps, "total": result.steps, "eta_s": 0.0})
         metrics = dict(result.metrics)
         metrics.update(
@@ -117,7 +169,7 @@ def run_one_round(
             labelled_pixels=snapshot.labelled_pixels,
             warm_start=previous.version if init is not None and previous else None,
         )
-        export.export_onnx(result.checkpoint, tmp / "model.onnx", metrics=metrics)
+        export.export_onnx(checkpoint, tmp / ONNX_NAME, metrics=metrics)
         metrics["round_seconds"] = round(time.monotonic() - started, 1)
         if final.exists():  # a leftover of a crashed earlier attempt at this version number
             shutil.rmtree(final)
@@ -128,8 +180,7 @@ def run_one_round(
         store.fail_model(version, f"{type(exc).__name__}: {exc}")
         raise
     log.info("published version %d at %s (%s)", version, final, metrics)
-    row = next(m for m in store.models() if m.version == version)
-    return row
+    return next(m for m in store.models() if m.version == version)
 
 
 # ------------------------------------------------------------------------------------------ triggers
@@ -227,7 +278,7 @@ class TrainerLoop:
         for m in self.store.models():
             if m.status == "training":
                 self.store.fail_model(m.version, "interrupted: the trainer process stopped during this round")
-                shutil.rmtree(Path(m.path).with_name(f".{Path(m.path).name}.tmp"), ignore_errors=True)
+                shutil.rmtree(staging_dir(m.folder), ignore_errors=True)
 
     def step(self) -> bool:
         """One poll: maybe run a round. Returns True if a round ran (published or failed)."""

@@ -10,8 +10,8 @@ import pytest
 from conftest import write_dataset
 
 from labelsmart import cli
-from labelsmart.bench.label_efficiency import BenchSpec, Cell
 from labelsmart.bench import label_efficiency as labeleff
+from labelsmart.bench.label_efficiency import BenchSpec, Cell
 from labelsmart.config import TrainConfig
 
 NET_SETTINGS = {"train.crop": 64, "train.batch_size": 2, "preprocess.max_side": 128}
@@ -142,17 +142,17 @@ def test_rf_row_runs_writes_all_outputs_and_resumes(data: Path, tmp_path: Path, 
 
 
 def test_net_rows_train_through_run_round(data: Path, tmp_path: Path, monkeypatch):
-    from labelsmart.training import round as train
+    from labelsmart.training import round as training_round
 
     seen: list[tuple[float, int]] = []
-    real = train.run_round
+    real = training_round.run_round
 
-    def spy(cfg, store, snapshot, version, out_dir, **kw):
-        assert len(store.images()) == 4 and len(snapshot.revisions) == 2  # whole pool split, N labelled
+    def spy(cfg, data, version, **kw):
+        assert len(data.train) == 2 and len(data.unlabelled()) == 2  # N labelled, the rest of the pool split at hand
         seen.append((cfg.train.pretrain_fraction, kw["steps"], cfg.train.class_balance))
-        return real(cfg, store, snapshot, version, out_dir, **kw)
+        return real(cfg, data, version, **kw)
 
-    monkeypatch.setattr(train, "run_round", spy)
+    monkeypatch.setattr(training_round, "run_round", spy)
     rows = ("labelsmart", "ce-only", "contrastive")
     spec = _spec(data, tmp_path / "out", rows=rows, labels=("scribble",), steps=4, overrides=NET_SETTINGS)
     records = labeleff.run_benchmark(spec)

@@ -1,15 +1,11 @@
-"""Working-scale pairs, augmentation that keeps image and labels aligned, snapshot loading."""
+"""Working-scale pairs and augmentation that keeps image and labels aligned."""
 
-from pathlib import Path
-
-import cv2
 import numpy as np
 import pytest
 import torch
 
 from labelsmart import config
-from labelsmart.store import Store
-from labelsmart.training.data import LabelledSet, load_snapshot, random_scale_crop_flip
+from labelsmart.training.data import LabelledSet, random_scale_crop_flip
 
 
 def _cfg(**train: object) -> config.Config:
@@ -79,32 +75,6 @@ def test_geometry_keeps_image_and_labels_aligned(seed: int) -> None:
     assert sel.sum() > 100
     colour_class = blue.astype(np.uint8)
     assert (colour_class[sel] == lab_c[sel]).mean() > 0.99
-
-
-def test_load_snapshot_reads_current_revisions(tmp_path: Path) -> None:
-    root = tmp_path / "imgs"
-    root.mkdir()
-    for i in range(3):
-        cv2.imwrite(str(root / f"im{i}.png"), np.full((20, 30, 3), 40 * i, np.uint8))
-    store = Store(tmp_path / "db.sqlite", image_root=root)
-    store.sync_images()
-    store.add_class("a")
-    store.add_class("b")
-    ids = [r.id for r in store.images()]
-    m = np.full((20, 30), 255, np.uint8)
-    m[5, :] = 1
-    store.save_label(ids[0], m)
-    m2 = m.copy()
-    m2[6, :] = 0
-    store.save_label(ids[0], m2)  # newer revision wins
-    store.save_label(ids[2], m)
-    snap = store.snapshot()
-    pairs = load_snapshot(store, snap)
-    assert len(pairs) == 2
-    np.testing.assert_array_equal(pairs[0][1], m2)
-    assert pairs[1][0].shape == (20, 30, 3) and pairs[1][0][0, 0, 0] == 80
-    only = load_snapshot(store, snap, ids=[ids[2]])
-    assert len(only) == 1 and only[0][0][0, 0, 0] == 80
 
 
 def test_class_counts_are_labelled_pixels_at_working_scale() -> None:

@@ -15,11 +15,12 @@ from labelsmart import config
 from labelsmart.project import open_project
 from labelsmart.store import Store
 from labelsmart.training import export
-from labelsmart.training.data import LabelledSet, load_snapshot
+from labelsmart.training.data import LabelledSet
 from labelsmart.training.export import ExportError, export_onnx
 from labelsmart.training.losses import class_weights
 from labelsmart.training.model import load_checkpoint
-from labelsmart.training.round import RoundCancelled, RoundResult, run_round, split_validation, unlabelled_images
+from labelsmart.training.round import RoundCancelled, RoundResult, run_round, split_validation
+from labelsmart.training.trainer import load_snapshot, round_data, unlabelled_images
 
 
 @pytest.fixture
@@ -55,15 +56,21 @@ def project(tmp_path: Path) -> tuple[config.Config, Store]:
     return cfg, store
 
 
+def train_round(cfg: config.Config, store: Store, version: int, out_dir: Path, **kw) -> tuple[RoundResult, Path]:
+    """A round on the store's current labels, as the trainer runs it, and its checkpoint saved in ``out_dir``."""
+    result = run_round(cfg, round_data(store, store.snapshot(), cfg.train), version, **kw)
+    return result, result.save(out_dir / "model.pt")
+
+
 def test_round_then_export_then_failed_export_leaves_nothing(project, tmp_path: Path, monkeypatch) -> None:
     torch.set_num_threads(1)
     cfg, store = project
     events: list[dict] = []
     out_dir = tmp_path / "models" / "v0001"
-    result = run_round(cfg, store, store.snapshot(), version=1, out_dir=out_dir, progress=events.append)
+    result, checkpoint = train_round(cfg, store, 1, out_dir, progress=events.append)
 
     assert isinstance(result, RoundResult)
-    assert result.checkpoint == out_dir / "model.pt" and result.checkpoint.is_file()
+    assert checkpoint == out_dir / "model.pt" and checkpoint.is_file()
     assert result.steps == 30 and result.device == "cpu" and result.version == 1
     m = result.metrics
     assert m["train_images"] == 4 and m["val_images"] == 2  # ids at positions 2 and 5 held out
@@ -76,13 +83,13 @@ def test_round_then_export_then_failed_export_leaves_nothing(project, tmp_path: 
     assert set(events[0]) == {"stage", "step", "total", "loss", "eta_s", "device"}
     assert events[-1]["total"] == 30
 
-    model, ckpt = load_checkpoint(result.checkpoint)
+    model, ckpt = load_checkpoint(checkpoint)
     assert (
         ckpt["version"] == 1 and ckpt["step"] == 30 and [c["name"] for c in ckpt["classes"]] == ["sky", "ground", "box"]
     )
 
     onnx_path = tmp_path / "exports" / "m.onnx"
-    sidecar = export_onnx(result.checkpoint, onnx_path)
+    sidecar = export_onnx(checkpoint, onnx_path)
     assert onnx_path.is_file() and onnx_path.with_suffix(".json").is_file()
     assert json.loads(onnx_path.with_suffix(".json").read_text())["version"] == 1
     assert sidecar["format"] == "labelsmart-onnx/1" and sidecar["num_classes"] == 3
@@ -104,7 +111,7 @@ def test_round_then_export_then_failed_export_leaves_nothing(project, tmp_path: 
     monkeypatch.setattr(export, "PARITY_RTOL", -1.0)
     bad = tmp_path / "bad" / "m.onnx"
     with pytest.raises(ExportError, match="differs from PyTorch"):
-        export_onnx(result.checkpoint, bad)
+        export_onnx(checkpoint, bad)
     assert list(bad.parent.iterdir()) == []
 
 
@@ -113,7 +120,7 @@ def test_time_budget_bounds_the_round_and_cancel_stops_it(project, tmp_path: Pat
     cfg, store = project
     cfg = config.load({**_args(cfg), "train.max_round_seconds": 3.0}, env={})
     t0 = time.monotonic()
-    result = run_round(cfg, store, store.snapshot(), version=2, out_dir=tmp_path / "v2", steps=100_000)
+    result, _ = train_round(cfg, store, 2, tmp_path / "v2", steps=100_000)
     took = time.monotonic() - t0
     assert took < 15.0, f"a 3 s round took {took:.1f} s"  # 3.5 s on a quiet machine; margin for a busy one
     assert 2 <= result.steps < 100_000
@@ -121,10 +128,9 @@ def test_time_budget_bounds_the_round_and_cancel_stops_it(project, tmp_path: Pat
 
     polls = []
     with pytest.raises(RoundCancelled):
-        run_round(
+        train_round(
             cfg,
             store,
-            store.snapshot(),
             3,
             tmp_path / "v3",
             steps=50,
@@ -136,18 +142,18 @@ def test_time_budget_bounds_the_round_and_cancel_stops_it(project, tmp_path: Pat
 def test_warm_start_survives_a_new_class(project, tmp_path: Path, caplog) -> None:
     torch.set_num_threads(1)
     cfg, store = project
-    first = run_round(cfg, store, store.snapshot(), 1, tmp_path / "v1", steps=2)
+    _, first = train_round(cfg, store, 1, tmp_path / "v1", steps=2)
     store.add_class("extra")
     caplog.set_level("INFO", logger="labelsmart.training.round")
-    second = run_round(cfg, store, store.snapshot(), 2, tmp_path / "v2", init_checkpoint=first.checkpoint, steps=2)
+    _, second = train_round(cfg, store, 2, tmp_path / "v2", init_checkpoint=first, steps=2)
     assert "class head reset: 3 -> 4 classes" in caplog.text
-    model, ckpt = load_checkpoint(second.checkpoint)
+    model, ckpt = load_checkpoint(second)
     assert ckpt["num_classes"] == 4
-    prev, _ = load_checkpoint(first.checkpoint)
+    prev, _ = load_checkpoint(first)
     # same-class warm start: the third round starts from the second's weights exactly (lr 0 keeps them)
     cfg0 = config.load({**_args(cfg), "train.lr": 0.0}, env={})
-    third = run_round(cfg0, store, store.snapshot(), 3, tmp_path / "v3", init_checkpoint=second.checkpoint, steps=1)
-    again, _ = load_checkpoint(third.checkpoint)
+    _, third = train_round(cfg0, store, 3, tmp_path / "v3", init_checkpoint=second, steps=1)
+    again, _ = load_checkpoint(third)
     key = "net.encoder.conv1.weight"
     torch.testing.assert_close(again.state_dict()[key], model.state_dict()[key])
     assert not torch.equal(prev.state_dict()[key], load_checkpoint(tmp_path / "v2" / "model.pt")[0].state_dict()[key])
@@ -173,11 +179,11 @@ def test_joint_objective_trains_ce_and_contrastive_in_one_stage(project, tmp_pat
     torch.set_num_threads(1)
     cfg, store = project
     joint = config.load({**_args(cfg), "train.pretrain_fraction": 0.0, "train.contrastive_weight": 0.5}, env={})
-    result = run_round(joint, store, store.snapshot(), 1, tmp_path / "v1", steps=3)
+    result, checkpoint = train_round(joint, store, 1, tmp_path / "v1", steps=3)
     m = result.metrics
     assert result.steps == 3 and m["pretrain_steps"] == 0 and m["finetune_steps"] == 3
     assert np.isfinite(m["train_loss"]) and m["contrastive_loss"] is None  # no separate contrastive stage
-    model, _ = load_checkpoint(result.checkpoint)
+    model, _ = load_checkpoint(checkpoint)
     assert model(torch.rand(1, 3, 64, 64)).shape == (1, 3, 64, 64)
 
 
@@ -203,7 +209,7 @@ def test_semi_supervised_objective_takes_pseudo_labels_from_unlabelled_images_on
             "train.pseudo_threshold": threshold,
             "train.pseudo_after": 0.5,
         }
-        result = run_round(config.load(args, env={}), store, store.snapshot(), 1, tmp_path / f"t{threshold}", steps=4)
+        result, _ = train_round(config.load(args, env={}), store, 1, tmp_path / f"t{threshold}", steps=4)
         return result.metrics
 
     every = semi(0.0)  # every pixel of an unlabelled crop is confident enough
@@ -218,7 +224,7 @@ def test_class_balanced_round_weighs_the_rare_class_up(project, tmp_path: Path) 
     torch.set_num_threads(1)
     cfg, store = project
     balanced = config.load({**_args(cfg), "train.pretrain_fraction": 0.0, "train.class_balance": 1.0}, env={})
-    result = run_round(balanced, store, store.snapshot(), 1, tmp_path / "v1", steps=3)
+    result, _ = train_round(balanced, store, 1, tmp_path / "v1", steps=3)
     weights = np.array(result.metrics["class_weights"])
     ids = [image_id for image_id, _ in store.snapshot().revisions]
     train_ids, _ = split_validation(ids, balanced.train)  # the round counts its training images only
@@ -228,5 +234,5 @@ def test_class_balanced_round_weighs_the_rare_class_up(project, tmp_path: Path) 
     np.testing.assert_allclose(weights, class_weights(counts, 1.0), rtol=1e-4)
     assert int(np.argmax(weights)) == int(np.argmin(counts)) and int(np.argmin(weights)) == int(np.argmax(counts))
     plain_cfg = config.load({**_args(cfg), "train.pretrain_fraction": 0.0, "train.class_balance": 0.0}, env={})
-    plain = run_round(plain_cfg, store, store.snapshot(), 1, tmp_path / "v2", steps=1)
+    plain, _ = train_round(plain_cfg, store, 1, tmp_path / "v2", steps=1)
     assert "class_weights" not in plain.metrics

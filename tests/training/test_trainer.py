@@ -1,17 +1,20 @@
-"""The background trainer: the trigger rule, failure handling, supervision of the process."""
+"""The background trainer: label snapshots as round input, the trigger rule, failure handling, supervision."""
 
 from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 from conftest import pid_alive
 
 from labelsmart.config import TriggerConfig
 from labelsmart.project import open_project
-from labelsmart.training.trainer import Supervisor, TrainerLoop, TriggerState, should_start
+from labelsmart.store import Store
+from labelsmart.training.trainer import Supervisor, TrainerLoop, TriggerState, load_snapshot, should_start
 
 TRIG = TriggerConfig(min_new_pixels=100, min_interval_s=30.0, min_classes=2)
 
@@ -160,3 +163,29 @@ def test_background_rounds_are_capped_in_time_unless_the_user_set_a_cap(tiny_cfg
     mine = dataclasses.replace(off, train=dataclasses.replace(off.train, max_round_seconds=30.0))
     store.request("train_now")
     assert TrainerLoop(mine, store).step() is True and caps[-1] == 30.0
+
+
+def test_load_snapshot_reads_current_revisions(tmp_path: Path) -> None:
+    root = tmp_path / "imgs"
+    root.mkdir()
+    for i in range(3):
+        cv2.imwrite(str(root / f"im{i}.png"), np.full((20, 30, 3), 40 * i, np.uint8))
+    store = Store(tmp_path / "db.sqlite", image_root=root)
+    store.sync_images()
+    store.add_class("a")
+    store.add_class("b")
+    ids = [r.id for r in store.images()]
+    m = np.full((20, 30), 255, np.uint8)
+    m[5, :] = 1
+    store.save_label(ids[0], m)
+    m2 = m.copy()
+    m2[6, :] = 0
+    store.save_label(ids[0], m2)  # newer revision wins
+    store.save_label(ids[2], m)
+    snap = store.snapshot()
+    pairs = load_snapshot(store, snap)
+    assert len(pairs) == 2
+    np.testing.assert_array_equal(pairs[0][1], m2)
+    assert pairs[1][0].shape == (20, 30, 3) and pairs[1][0][0, 0, 0] == 80
+    only = load_snapshot(store, snap, ids=[ids[2]])
+    assert len(only) == 1 and only[0][0][0, 0, 0] == 80

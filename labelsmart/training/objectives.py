@@ -1,0 +1,163 @@
+"""The objectives a round trains with, one optimisation step each, on a batch of :class:`LabelledSet` crops.
+
+- :func:`finetune_step`: masked cross-entropy on the labelled pixels (class-weighted when the round balances
+  classes): the shipped objective;
+- :func:`contrastive_step`: the supervised pixel contrastive loss of Zhao et al. (ICCV 2021) over two
+  photometric views, the pretraining stage;
+- :func:`joint_step`: both at once, from one forward pass over the two views;
+- :func:`semi_step`: the joint step with confident pseudo-labels of unlabelled crops in the contrastive loss
+  (the paper's semi-supervised variant).
+
+Each returns the loss (the caller steps the optimiser). :class:`StepContext` holds what every step needs
+besides its batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from labelsmart.config import IGNORE_INDEX, TrainConfig
+from labelsmart.training.losses import masked_cross_entropy, sample_pixels, supervised_pixel_contrastive_loss
+from labelsmart.training.model import SegModel
+
+MAX_CONTRASTIVE_SAMPLES = 1024  # per view; bounds the (2N, 2N) similarity matrix (its cost grows as N^2)
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """The network and the settings every step shares.
+
+    Attributes:
+        ce_weight: ``(K,)`` class weights of the cross-entropy, or None for plain cross-entropy.
+        generator: CPU generator of the contrastive pixel samples.
+    """
+
+    model: SegModel
+    tc: TrainConfig
+    device: torch.device
+    generator: torch.Generator
+    memory_format: torch.memory_format
+    autocast: contextlib.AbstractContextManager
+    ce_weight: Tensor | None = None
+
+    def images(self, *parts: Tensor) -> Tensor:
+        """Image crops ``(B, 3, c, c)`` (concatenated in order) on the device, in its memory format."""
+        x = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return x.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+
+    def ce(self, logits: Tensor, target: Tensor) -> Tensor:
+        """Masked (and, with ``ce_weight``, class-weighted) cross-entropy in float32."""
+        return masked_cross_entropy(logits.float(), target, weight=self.ce_weight)
+
+
+def sample_features(feats: Tensor, b_idx: Tensor, y: Tensor, x: Tensor, label_hw: tuple[int, int]) -> Tensor:
+    """Bilinear features at label-resolution pixels, as ``F.interpolate(align_corners=False)`` would give.
+
+    Args:
+        feats: ``(B, C, h, w)`` features at reduced resolution.
+        b_idx, y, x: ``(N,)`` image index and pixel coordinates at label resolution ``label_hw``.
+
+    Returns:
+        ``(N, C)``.
+    """
+    _, _, h, w = feats.shape
+    fy = ((y.float() + 0.5) * (h / label_hw[0]) - 0.5).clamp(0, h - 1)  # (N,)
+    fx = ((x.float() + 0.5) * (w / label_hw[1]) - 0.5).clamp(0, w - 1)  # (N,)
+    y0, x0 = fy.floor().long(), fx.floor().long()
+    y1, x1 = (y0 + 1).clamp(max=h - 1), (x0 + 1).clamp(max=w - 1)
+    wy, wx = (fy - y0).unsqueeze(1), (fx - x0).unsqueeze(1)  # (N, 1)
+    f = feats.permute(0, 2, 3, 1)  # (B, h, w, C)
+    top = f[b_idx, y0, x0] * (1 - wx) + f[b_idx, y0, x1] * wx  # (N, C)
+    bottom = f[b_idx, y1, x0] * (1 - wx) + f[b_idx, y1, x1] * wx  # (N, C)
+    return top * (1 - wy) + bottom * wy  # (N, C)
+
+
+def contrastive_loss(ctx: StepContext, feats: Tensor, label: Tensor) -> Tensor:
+    """Supervised pixel contrastive loss of the features of two views; positives across views and images.
+
+    Args:
+        feats: ``(2B, C, h, w)``: view 1 of the B crops, then view 2.
+        label: ``(B, c, c)`` labels of the crops (CPU), 255 = unlabelled.
+    """
+    b = label.shape[0]
+    b_idx, y, x, cls = sample_pixels(label, ctx.tc.pixels_per_class, generator=ctx.generator)  # (N,) each
+    if b_idx.numel() > MAX_CONTRASTIVE_SAMPLES:
+        keep = torch.randperm(b_idx.numel(), generator=ctx.generator)[:MAX_CONTRASTIVE_SAMPLES]
+        b_idx, y, x, cls = b_idx[keep], y[keep], x[keep], cls[keep]
+    device = ctx.device
+    b_idx, y, x = b_idx.to(device), y.to(device), x.to(device)
+    both = torch.cat([b_idx, b_idx + b])  # (2N,) same pixel in view 1 and view 2
+    picked = sample_features(feats, both, torch.cat([y, y]), torch.cat([x, x]), tuple(label.shape[1:]))  # (2N, C)
+    emb = ctx.model.project(picked[:, :, None, None]).flatten(1)  # (2N, D)
+    with torch.autocast(device.type, enabled=False):  # similarities / temperature need float32, not bf16
+        return supervised_pixel_contrastive_loss(emb.float(), torch.cat([cls, cls]).to(device), ctx.tc.temperature)
+
+
+def contrastive_step(ctx: StepContext, batch: dict[str, Tensor]) -> Tensor:
+    """Supervised pixel contrastive loss over both views; positives across views and images."""
+    views = ctx.images(batch["view1"], batch["view2"])  # (2B, 3, c, c)
+    with ctx.autocast:
+        feats = ctx.model.forward_features(views)  # (2B, C, h, w)
+        return contrastive_loss(ctx, feats, batch["label"])
+
+
+def finetune_step(ctx: StepContext, batch: dict[str, Tensor]) -> Tensor:
+    """Masked cross-entropy on view 1 (255 ignored), class-weighted when the context has ``ce_weight``."""
+    x = ctx.images(batch["view1"])  # (B, 3, c, c)
+    target = batch["label"].to(ctx.device, non_blocking=True)  # (B, c, c)
+    with ctx.autocast:
+        logits = ctx.model(x)  # (B, K, c, c)
+    return ctx.ce(logits, target)
+
+
+def joint_step(ctx: StepContext, batch: dict[str, Tensor]) -> Tensor:
+    """Cross-entropy on both views plus ``contrastive_weight`` x the pixel contrastive loss, one forward pass."""
+    label = batch["label"]  # (B, c, c)
+    views = ctx.images(batch["view1"], batch["view2"])  # (2B, 3, c, c)
+    target = torch.cat([label, label]).to(ctx.device, non_blocking=True)  # (2B, c, c)
+    with ctx.autocast:
+        feats = ctx.model.forward_features(views)  # (2B, C, h, w)
+        logits = ctx.model.forward_head(feats)  # (2B, K, c, c)
+        contrastive = contrastive_loss(ctx, feats, label)
+    return ctx.ce(logits, target) + ctx.tc.contrastive_weight * contrastive
+
+
+def semi_step(
+    ctx: StepContext, batch: dict[str, Tensor], ubatch: dict[str, Tensor] | None
+) -> tuple[Tensor, float | None]:
+    """The semi-supervised joint step: CE on both views of the labelled crops plus ``pseudo_weight`` x the
+    pixel contrastive loss over labelled pixels and confident pseudo-labels of the unlabelled crops, one
+    forward pass. Without ``ubatch`` (the CE warm-up that makes the pseudo-labels worth having) only the CE.
+
+    Returns:
+        The loss and the share of unlabelled pixels that became pseudo-labels (None without ``ubatch``).
+    """
+    label = batch["label"]  # (Bl, c, c)
+    bl = label.shape[0]
+    if ubatch is None:
+        parts = [batch["view1"], batch["view2"]]
+    else:  # view 1 of every crop, then view 2, the order contrastive_loss pairs by
+        parts = [batch["view1"], ubatch["view1"], batch["view2"], ubatch["view2"]]
+    views = ctx.images(*parts)
+    b = views.shape[0] // 2  # crops per view
+    target = label.to(ctx.device, non_blocking=True)  # (Bl, c, c)
+    with ctx.autocast:
+        feats = ctx.model.forward_features(views)  # (2b, C, h, w)
+        logits = ctx.model.forward_head(feats)  # (2b, K, c, c)
+    ce = ctx.ce(logits[:bl], target) + ctx.ce(logits[b : b + bl], target)
+    if ubatch is None:
+        return ce / 2.0, None
+    with torch.no_grad():  # the two views of a crop agree on its pseudo-labels (mean probability)
+        prob = (logits[bl:b].float().softmax(1) + logits[b + bl :].float().softmax(1)) / 2.0  # (Bu, K, c, c)
+        conf, pseudo = prob.max(1)  # (Bu, c, c)
+        keep = conf >= ctx.tc.pseudo_threshold
+        pseudo = torch.where(keep, pseudo, torch.full_like(pseudo, IGNORE_INDEX))
+        share = float(keep.float().mean())
+    label_all = torch.cat([label, pseudo.cpu().to(label.dtype)])  # (b, c, c), on the CPU for the sampler
+    with ctx.autocast:
+        contrastive = contrastive_loss(ctx, feats, label_all)
+    return ce / 2.0 + ctx.tc.pseudo_weight * contrastive, share
