@@ -27,7 +27,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from labelsmart import imageio  # noqa: E402
+from labelsmart.bench.common import seeded_order  # noqa: E402
 from labelsmart.bench.scribble import simulate_scribbles  # noqa: E402
+from labelsmart.datasets import DataFolder  # noqa: E402
 
 FLAGS = [
     "--headless",
@@ -96,6 +98,7 @@ def main() -> int:
     from gradio_client import Client, handle_file
 
     dataset = Path(args.dataset).resolve()
+    folder = DataFolder.open(dataset)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="labelsmart-trial-"))
@@ -132,19 +135,15 @@ def main() -> int:
                 time.sleep(1)
         assert client is not None, "app did not start"
         by_path = {p: i for i, p, _ in client.predict(api_name="/images")}
-        splits = json.loads((dataset / "splits.json").read_text())
-        names = sorted(splits[args.split])
-        chosen = [names[i] for i in np.random.default_rng(0).permutation(len(names))[: args.images]]
-        classes = json.loads((dataset / "classes.json").read_text())
-        colors = [c["color"] for c in sorted(classes, key=lambda c: c["id"])]
+        chosen = seeded_order(folder.names(args.split))[: args.images]
+        colors = [list(c) for c in folder.colors]
         saves = []
         for name in chosen:
             rel = next(p for p in by_path if Path(p).stem == name)
             image_id = by_path[rel]
             client.predict(image_id, 0.5, api_name="/open_image")
-            truth = imageio.read_mask(dataset / "masks" / f"{name}.png")
+            bg, truth = folder.read(name)
             layer = imageio.mask_to_rgba(simulate_scribbles(truth), colors)
-            bg = imageio.read_image(dataset / "images" / rel)
             cv2.imwrite(str(work / "bg.png"), cv2.cvtColor(bg, cv2.COLOR_RGB2BGR))
             cv2.imwrite(str(work / "layer.png"), cv2.cvtColor(layer, cv2.COLOR_RGBA2BGRA))
             t = time.time()
@@ -193,7 +192,7 @@ def main() -> int:
                 result["versions"][version]["eval"][split] = json.loads(ev.read_text())
         (out / "trial.json").write_text(json.dumps(result, indent=2))  # the numbers, whatever the picture does
         # A picture of the page on an image nobody labelled, its pre-annotation copied into the editor.
-        unseen = sorted(splits[eval_splits[0]])[0]
+        unseen = sorted(folder.names(eval_splits[0]))[0]
         rel = next(p for p in by_path if Path(p).stem == unseen)
         screenshot(url, Path(rel).stem, colors, out / "screenshot.png")
         result["screenshot_image"] = rel

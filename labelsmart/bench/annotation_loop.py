@@ -6,9 +6,9 @@ a real project through the code paths the UI uses: the project store, the backgr
 and the UI's own :class:`~labelsmart.app.session.Session` handlers for showing a pre-annotation and saving labels.
 For image k it
 
-1. picks the image: ``sequential`` = the pool split's sorted names permuted with ``default_rng(0)`` (as in
-   BENCHMARK.md section 1); ``suggested`` = what "Next" offers (:func:`labelsmart.serving.active.suggest`), which is
-   the sequential order until a model has scored the images;
+1. picks the image: ``sequential`` = the pool split's names in BENCHMARK.md's fixed order
+   (:func:`~labelsmart.bench.common.seeded_order`, as in section 1); ``suggested`` = what "Next" offers
+   (:func:`labelsmart.serving.active.suggest`), which is the sequential order until a model has scored the images;
 2. shows the pre-annotation through ``Session.preannotation`` (timed: a new image, then the same one cached)
    and records its mIoU, pixel accuracy and the fraction of pixels the annotator would have to change,
    against the ground truth;
@@ -36,7 +36,9 @@ from typing import Any
 import numpy as np
 
 from labelsmart import config, imageio, metrics
+from labelsmart.bench.common import seeded_order
 from labelsmart.config import IGNORE_INDEX
+from labelsmart.datasets import DataFolder, evaluate
 from labelsmart.store import Store, load_classes_file
 
 log = logging.getLogger(__name__)
@@ -74,29 +76,6 @@ class LoopSettings:
         return f"{self.order}-{self.labels}"
 
 
-def _read_layout(root: Path, what: str) -> tuple[dict[str, list[str]], list[dict[str, Any]], dict[str, str]]:
-    """``(splits, classes, {stem: file name in images/})`` of a folder in the shared layout."""
-    root = Path(root)
-    for part in ("images", "masks", "splits.json", "classes.json"):
-        if not (root / part).exists():
-            raise LoopError(
-                f"{root / part} is missing; pass {what} a folder with images/, masks/, splits.json, classes.json."
-            )
-    try:
-        splits = json.loads((root / "splits.json").read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise LoopError(f"{root / 'splits.json'} is not readable JSON ({exc}); fix or replace it.") from exc
-    classes = json.loads((root / "classes.json").read_text())
-    files = {p.stem: p.name for p in (root / "images").iterdir() if p.suffix.lower() in config.IMAGE_EXTENSIONS}
-    return splits, classes, files
-
-
-def sequential_order(names: Sequence[str]) -> list[str]:
-    """BENCHMARK.md's fixed order: sort the names, permute with ``numpy.random.default_rng(0)``."""
-    names = sorted(names)
-    return [names[i] for i in np.random.default_rng(0).permutation(len(names))]
-
-
 def image_scores(gt: np.ndarray, pred: np.ndarray, num_classes: int) -> dict[str, float]:
     """mIoU (classes present in this image's truth), pixel accuracy, fraction of labelled pixels to change."""
     s = metrics.scores(metrics.confusion_matrix(gt, pred, num_classes))
@@ -122,20 +101,12 @@ def _median(values: Sequence[float | None]) -> float | None:
     return round(float(statistics.median(vals)), 3) if vals else None
 
 
-def evaluate_version(
-    onnx_path: Path, eval_dir: Path, names: Sequence[str], files: Mapping[str, str], threads: int
-) -> dict:
-    """mIoU and pixel accuracy of one ONNX model over a split (one confusion matrix, full resolution)."""
+def evaluate_version(onnx_path: Path, folder: DataFolder, names: Sequence[str], threads: int) -> dict[str, float]:
+    """mIoU and pixel accuracy of one exported version over a split (:func:`labelsmart.datasets.evaluate`)."""
     from labelsmart.serving.predictor import OnnxModel
 
     model = OnnxModel(onnx_path, threads=threads or None, device="cpu")
-    k = model.num_classes
-    conf = np.zeros((k, k), np.int64)
-    for name in names:
-        image = imageio.read_image(eval_dir / "images" / files[name])
-        gt = imageio.read_mask(eval_dir / "masks" / f"{name}.png", shape=image.shape[:2])
-        conf += metrics.confusion_matrix(gt, model.predict(image).mask, k)
-    s = metrics.scores(conf)
+    s = evaluate(lambda image: model.predict(image).mask, folder, names)
     return {"miou": round(s["miou"], 4), "pixel_acc": round(s["pixel_acc"], 4)}
 
 
@@ -154,23 +125,15 @@ def run_loop(settings: LoopSettings, progress: Callable[[str], None] | None = No
         raise LoopError(f"--labels {st.labels}: use one of {', '.join(LABELS)}.")
     if st.images < 1 or st.seconds_per_image < 0:
         raise LoopError(f"--images {st.images} --seconds-per-image {st.seconds_per_image}: give 1+ images and 0+ s.")
-    splits, classes, files = _read_layout(st.pool, "--pool")
-    if st.pool_split not in splits:
-        raise LoopError(
-            f"{st.pool / 'splits.json'} has no split {st.pool_split!r}; pass --pool-split one of {sorted(splits)}."
-        )
-    pool_names = [n for n in splits[st.pool_split] if n in files]
+    pool = DataFolder.open(st.pool, "--pool")
+    pool_names = pool.names(st.pool_split)
     if len(pool_names) < st.images:
         raise LoopError(
             f"split {st.pool_split!r} of {st.pool} has {len(pool_names)} images; "
             f"pass --images {len(pool_names)} or fewer."
         )
-    eval_splits, _, eval_files = _read_layout(st.eval_dir, "--eval")
-    for name in st.eval_splits:
-        if name not in eval_splits:
-            raise LoopError(
-                f"{st.eval_dir / 'splits.json'} has no split {name!r}; pass --eval-split one of {sorted(eval_splits)}."
-            )
+    eval_folder = DataFolder.open(st.eval_dir, "--eval")
+    eval_names = {split: eval_folder.names(split) for split in st.eval_splits}
 
     run_dir = Path(st.out) / st.run_name
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -179,12 +142,12 @@ def run_loop(settings: LoopSettings, progress: Callable[[str], None] | None = No
     cfg = config.load({**flags, **dict(st.overrides)})
     store = Store(cfg.db_path, image_root=cfg.image_root)
     store.ensure_classes(load_classes_file(st.pool / "classes.json"), source=str(st.pool / "classes.json"))
-    store.sync_images(paths=[Path(files[n]) for n in sorted(pool_names)])
+    store.sync_images(paths=[pool.image_rel(n) for n in sorted(pool_names)])
     id_by_name = {Path(r.path).stem: r.id for r in store.images()}
     name_by_id = {i: n for n, i in id_by_name.items()}
     num_classes = len(store.classes())
     colors = [c.color for c in store.classes()]
-    sequence = sequential_order(pool_names)
+    sequence = seeded_order(pool_names)
 
     supervisor = Supervisor(cfg, store)
     supervisor.start()
@@ -220,7 +183,7 @@ def run_loop(settings: LoopSettings, progress: Callable[[str], None] | None = No
                 session.preannotation(image_id)
                 cached_ms = 1e3 * (time.perf_counter() - t1)
             pred = predictor.predict(image_id) if version is not None else None
-            gt = imageio.read_mask(st.pool / "masks" / f"{name}.png")
+            gt = pool.read_mask(name)
             scores = image_scores(gt, pred.mask, num_classes) if pred is not None else None
             mask, changed = labels_for(st.labels, gt, pred.mask if pred is not None else None)
             editor = {"background": None, "layers": [imageio.mask_to_rgba(mask, colors)]}
@@ -287,12 +250,9 @@ def run_loop(settings: LoopSettings, progress: Callable[[str], None] | None = No
             "round_seconds": m.metrics.get("round_seconds"),
             "eval": {},
         }
-        for split in st.eval_splits:
-            names = [n for n in eval_splits[split] if n in eval_files]
+        for split, names in eval_names.items():
             say(f"evaluating v{m.version} on {split} ({len(names)} images)")
-            entry["eval"][split] = evaluate_version(
-                Path(m.path) / "model.onnx", st.eval_dir, names, eval_files, st.eval_threads
-            )
+            entry["eval"][split] = evaluate_version(m.onnx, eval_folder, names, st.eval_threads)
         versions.append(entry)
     first_shown = min(shown_at.values()) if shown_at else None
     summary = {

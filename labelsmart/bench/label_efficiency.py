@@ -29,7 +29,6 @@ import logging
 import math
 import multiprocessing as mp
 import os
-import resource
 import sys
 import tempfile
 import time
@@ -40,9 +39,10 @@ from typing import Any
 
 import numpy as np
 
-from labelsmart import imageio, metrics
-from labelsmart.bench.serve import cpu_description, git_commit
-from labelsmart.config import IGNORE_INDEX, IMAGE_EXTENSIONS, Config, TrainConfig
+from labelsmart import imageio
+from labelsmart.bench.common import peak_rss_children_mb, peak_rss_mb, provenance, seeded_order
+from labelsmart.config import IGNORE_INDEX, Config, TrainConfig
+from labelsmart.datasets import DataFolder, evaluate
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,6 @@ RESULTS_NAME = "results.jsonl"
 ERRORS_NAME = "errors.jsonl"
 TABLE_NAME = "table.md"
 PLOT_NAME = "label_efficiency.png"
-SUBSET_SEED = 0  # BENCHMARK.md: numpy.random.default_rng(0) permutes the sorted pool names
 MINUTES_STEPS = 1_000_000  # step cap when only --minutes bounds a round (the deadline ends it first)
 
 
@@ -65,83 +64,11 @@ class BenchError(ValueError):
 # ------------------------------------------------------------------------------------------------ data
 
 
-@dataclass(frozen=True)
-class DataFolder:
-    """A folder in the layout of ``../shared/data/*``: images/, masks/, classes.json, splits.json."""
-
-    root: Path
-    classes: tuple[str, ...]
-    colors: tuple[tuple[int, int, int], ...]
-    splits: dict[str, list[str]]
-
-    def names(self, split: str) -> list[str]:
-        """Names (no extension) of a split."""
-        if split not in self.splits:
-            raise BenchError(
-                f"{self.root / 'splits.json'}: no split {split!r}; pick one of: {', '.join(sorted(self.splits))}."
-            )
-        names = self.splits[split]
-        if not names:
-            raise BenchError(f"{self.root / 'splits.json'}: split {split!r} is empty; pick another.")
-        return names
-
-    def image_rel(self, name: str) -> Path:
-        """Path of an image relative to ``images/``."""
-        images = self.root / "images"
-        for ext in (".jpg", ".png", *IMAGE_EXTENSIONS):
-            for cand in (f"{name}{ext}", f"{name}{ext.upper()}"):
-                if (images / cand).is_file():
-                    return Path(cand)
-        raise BenchError(f"{images / name}: no image file with this name (.jpg/.png); check splits.json.")
-
-    def read_image(self, name: str) -> np.ndarray:
-        """The RGB uint8 image ``(H, W, 3)`` of one name."""
-        return imageio.read_image(self.root / "images" / self.image_rel(name))
-
-    def read(self, name: str) -> tuple[np.ndarray, np.ndarray]:
-        """``(image RGB uint8 (H, W, 3), mask uint8 (H, W))`` of one name; 255 = void."""
-        image = imageio.read_image(self.root / "images" / self.image_rel(name))
-        mask = imageio.read_mask(
-            self.root / "masks" / f"{name}.png", shape=image.shape[:2], num_classes=len(self.classes)
-        )
-        return image, mask
-
-
-def open_folder(root: Path, flag: str) -> DataFolder:
-    """Check and read a data folder given with ``flag`` (``--pool`` or ``--eval``).
-
-    Raises:
-        BenchError: a missing part or an unreadable ``splits.json`` / ``classes.json``.
-    """
-    from labelsmart.store import StoreError, load_classes_file
-
-    root = Path(root)
-    if not root.is_dir():
-        raise BenchError(f"{root}: not a folder; pass {flag} a folder with images/, masks/, splits.json, classes.json.")
-    for need in ("images", "masks", "splits.json", "classes.json"):
-        if not (root / need).exists():
-            raise BenchError(f"{root / need}: missing; {flag} needs images/, masks/, splits.json and classes.json.")
-    try:
-        splits = json.loads((root / "splits.json").read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise BenchError(f"{root / 'splits.json'}: not readable JSON ({exc}); fix it.") from exc
-    if not isinstance(splits, dict) or not all(isinstance(v, list) for v in splits.values()):
-        raise BenchError(f"{root / 'splits.json'}: expected {{split name: [image names]}}; fix it.")
-    try:
-        classes = load_classes_file(root / "classes.json")
-    except StoreError as exc:
-        raise BenchError(str(exc)) from exc
-    colors = tuple(c if c is not None else (0, 0, 0) for _, c in classes)
-    return DataFolder(root, tuple(n for n, _ in classes), colors, {k: [str(n) for n in v] for k, v in splits.items()})
-
-
 def select_subset(names: Sequence[str], n: int) -> list[str]:
-    """BENCHMARK.md: sort the pool names, permute with ``numpy.random.default_rng(0)``, take the first ``n``."""
-    ordered = sorted(names)
-    if n > len(ordered):
-        raise BenchError(f"--n-labeled {n}: the pool split has only {len(ordered)} images; pick a smaller N.")
-    perm = np.random.default_rng(SUBSET_SEED).permutation(len(ordered))
-    return [ordered[i] for i in perm[:n]]
+    """BENCHMARK.md: the first ``n`` of the pool names in :func:`~labelsmart.bench.common.seeded_order`."""
+    if n > len(names):
+        raise BenchError(f"--n-labeled {n}: the pool split has only {len(names)} images; pick a smaller N.")
+    return seeded_order(names)[:n]
 
 
 def make_labels(mask: np.ndarray, form: str) -> np.ndarray:
@@ -153,34 +80,6 @@ def make_labels(mask: np.ndarray, form: str) -> np.ndarray:
 
         return simulate_scribbles(mask)
     raise BenchError(f"--labels {form}: unknown label form; use dense and/or scribble.")
-
-
-def evaluate(
-    predict: Callable[[np.ndarray], np.ndarray], folder: DataFolder, names: Iterable[str], progress: Any = None
-) -> dict[str, Any]:
-    """One confusion matrix over all evaluation images at full mask resolution, 255 ignored.
-
-    Args:
-        predict: RGB uint8 ``(H, W, 3)`` -> class ids ``(H, W)``.
-        folder: where the images and masks are.
-        names: the evaluation images (read one at a time).
-        progress: optional tqdm-like object, ``update(1)`` per image.
-
-    Returns:
-        :func:`labelsmart.metrics.scores` of the matrix plus ``"confusion"`` (nested lists) and ``"images"``.
-    """
-    k = len(folder.classes)
-    conf = np.zeros((k, k), dtype=np.int64)
-    n = 0
-    for name in names:
-        image, gt = folder.read(name)
-        conf += metrics.confusion_matrix(gt, predict(image), k, ignore_index=IGNORE_INDEX)
-        n += 1
-        if progress is not None:
-            progress.update(1)
-    out = metrics.scores(conf)
-    out.update(confusion=conf.tolist(), images=n)
-    return out
 
 
 # ---------------------------------------------------------------------------------------------- spec
@@ -392,8 +291,8 @@ def run_cell(spec: BenchSpec, cell: Cell, eval_splits: Sequence[str]) -> list[di
     """
     from tqdm import tqdm
 
-    pool = open_folder(spec.pool, "--pool")
-    evald = open_folder(spec.eval, "--eval")
+    pool = DataFolder.open(spec.pool, "--pool")
+    evald = DataFolder.open(spec.eval, "--eval")
     names = select_subset(pool.names(spec.pool_split), cell.n_labeled)
     masks = [make_labels(pool.read(n)[1], cell.labels) for n in names]
     labelled = int(sum(int((m != IGNORE_INDEX).sum()) for m in masks))
@@ -433,22 +332,13 @@ def run_cell(spec: BenchSpec, cell: Cell, eval_splits: Sequence[str]) -> list[di
                 "eval": str(spec.eval),
                 "images": names,
                 "cell": cell.key(spec),
-                "commit": git_commit(),
-                "cpu": cpu_description(),
-                "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+                **provenance(),
             }
         )
-    peak = _peak_rss_mb()
+    peak = {"peak_rss_mb": round(peak_rss_mb(), 1), "peak_rss_children_mb": round(peak_rss_children_mb(), 1)}
     for r in records:
         r.update(peak)
     return records
-
-
-def _peak_rss_mb() -> dict[str, float]:
-    """Peak resident memory of this process (and of the largest finished child, e.g. a loader worker), MiB."""
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
-    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0
-    return {"peak_rss_mb": round(own, 1), "peak_rss_children_mb": round(kids, 1)}
 
 
 def _cell_child(spec_json: dict[str, Any], cell: tuple[str, int, str], splits: list[str], out: str, level: int) -> None:
@@ -568,8 +458,8 @@ def check_spec(spec: BenchSpec) -> None:
     for key in spec.overrides:
         if not key.startswith(("train.", "model.", "preprocess.")):
             raise BenchError(f"--set {key}: only train.*, model.* and preprocess.* settings can be changed.")
-    pool = open_folder(spec.pool, "--pool")
-    evald = open_folder(spec.eval, "--eval")
+    pool = DataFolder.open(spec.pool, "--pool")
+    evald = DataFolder.open(spec.eval, "--eval")
     pool_names = pool.names(spec.pool_split)
     for n in spec.n_labeled:
         select_subset(pool_names, n)
@@ -637,7 +527,7 @@ def run_benchmark(spec: BenchSpec) -> list[dict[str, Any]]:
                 continue
             try:
                 records = _run_isolated(spec, cell, todo) if spec.isolate else run_cell(spec, cell, todo)
-            except (BenchError, RuntimeError) as exc:
+            except (ValueError, RuntimeError) as exc:  # BenchError, DatasetError, a failed cell
                 log.error("cell %s failed: %s", key, exc)
                 failed.append(key)
                 _append(

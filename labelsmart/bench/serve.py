@@ -7,12 +7,9 @@ when a checkpoint is given, so an ONNX Runtime-only run does not need it.
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import logging
 import os
-import platform
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,42 +18,13 @@ from typing import Any
 import numpy as np
 
 from labelsmart import imageio
+from labelsmart.bench.common import provenance
 from labelsmart.serving.predictor import OnnxModel
 
 log = logging.getLogger(__name__)
 
 DEFAULT_SIZE = (480, 360)  # (W, H): BENCHMARK.md section 3
 RESULTS_NAME = "serve.jsonl"
-
-
-# ------------------------------------------------------------------------------------------- environment
-
-
-def git_commit(root: Path | None = None) -> str | None:
-    """Short hash of the checkout holding this package (None outside git or without git)."""
-    root = root or Path(__file__).resolve().parent
-    try:
-        res = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10, check=False
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    out = res.stdout.strip()
-    return out if res.returncode == 0 and out else None
-
-
-def cpu_description() -> str:
-    """A one-line description of the CPU: model name (from /proc/cpuinfo where there is one), arch, cores."""
-    name = platform.processor()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{name or 'unknown CPU'} ({platform.machine()}, {os.cpu_count()} cores, {platform.system()})"
 
 
 # ----------------------------------------------------------------------------------------------- inputs
@@ -194,14 +162,14 @@ def export_fp16(checkpoint: Path, path: Path, device: str = "cuda") -> Path:
     """The checkpoint's network in float16 (weights and input) as an ONNX file, for GPU serving."""
     import torch
 
-    from labelsmart.training.export import _export
+    from labelsmart.training.export import export_graph
     from labelsmart.training.model import load_checkpoint
 
     model, _ = load_checkpoint(checkpoint, map_location=device)
     model = model.half().eval()
     example = torch.rand(1, 3, 256, 320, device=device, dtype=torch.float16)
     with torch.inference_mode(False):
-        _export(model, Path(path), 18, example_input=example)
+        export_graph(model, Path(path), 18, example_input=example)
     return Path(path)
 
 
@@ -227,7 +195,7 @@ def gpu_variants(
     """
     import onnxruntime as ort
 
-    from labelsmart.serving.predictor import _providers_for, session_options
+    from labelsmart.serving.predictor import providers_for, session_options
 
     def iobinding(sess: ort.InferenceSession, x: np.ndarray) -> Callable[[], Any]:
         value = ort.OrtValue.ortvalue_from_numpy(x, "cuda", 0)
@@ -253,7 +221,7 @@ def gpu_variants(
     t0 = time.perf_counter()
     exhaustive.run(None, {model.input_name: x1})
     first_exh = (time.perf_counter() - t0) * 1000.0
-    fresh = ort.InferenceSession(str(model.path), sess_options=session_options(None), providers=_providers_for("cuda"))
+    fresh = ort.InferenceSession(str(model.path), sess_options=session_options(None), providers=providers_for("cuda"))
     t0 = time.perf_counter()
     fresh.run(None, {model.input_name: x1})
     first_heur = (time.perf_counter() - t0) * 1000.0
@@ -270,7 +238,7 @@ def gpu_variants(
         return
     Path(work_dir).mkdir(parents=True, exist_ok=True)
     fp16_path = export_fp16(Path(checkpoint), Path(work_dir) / "model-fp16.onnx")
-    sess = ort.InferenceSession(str(fp16_path), sess_options=session_options(None), providers=_providers_for("cuda"))
+    sess = ort.InferenceSession(str(fp16_path), sess_options=session_options(None), providers=providers_for("cuda"))
     name_in, name_out = sess.get_inputs()[0].name, sess.get_outputs()[0].name
     half = inputs.astype(np.float16)
     ref = model.logits(inputs[:1]).argmax(axis=1)
@@ -408,9 +376,7 @@ def serve_benchmark(
         "threads": n_threads,
         "input_hw": input_hw,
         "model": str(model_path),
-        "commit": git_commit(),
-        "cpu": cpu_description(),
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        **provenance(),
     }
     records = [
         {
@@ -489,9 +455,7 @@ def tune_benchmark(
     prepared = [imageio.prepare(img, base.pp) for img in raw]
     common = {
         "model": str(model_path),
-        "commit": git_commit(),
-        "cpu": cpu_description(),
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        **provenance(),
         "input_hw": list(prepared[0][1].pad_hw),
         "image_hw": list(prepared[0][1].orig_hw),
     }
@@ -623,135 +587,3 @@ def peak_flops(threads: int, n: int = 2048, repeat: int = 5) -> float:
     with threadpool_limits(limits=threads):
         t_numpy = float(np.median(time_runs(lambda: a @ b, 1, repeat)))
     return 2.0 * n**3 / min(t_torch, t_numpy)
-
-
-# --------------------------------------------------------------------------------- batch pre-annotation
-
-
-PREANNOTATE_NAME = "preannotate.jsonl"
-
-
-def preannotate_benchmark(
-    model_path: Path,
-    images_dir: Path,
-    out_dir: Path,
-    batch: int,
-    threads: int,
-    io_threads: int,
-    limit: int | None = None,
-    device: str = "cpu",
-    overlays: bool = True,
-    postprocess: str = "auto",
-) -> dict[str, Any]:
-    """End-to-end ``preannotate`` throughput against pure inference throughput, same model, batch and threads.
-
-    Pure inference: the model alone on inputs prepared beforehand (the first 32 images), in batches of
-    ``batch``, three passes before and three after the end-to-end run, the median of the six. End to end:
-    the streaming pipeline of :mod:`labelsmart.preannotate.pipeline` on every image of the folder (or the first
-    ``limit``), reading, decoding, inferring, encoding and writing masks, overlays and the manifest into
-    ``out_dir/preannotations`` (emptied first).
-    """
-    import shutil
-
-    from labelsmart.preannotate import pipeline as batchmod
-
-    images_dir = Path(images_dir)
-    rels = list(imageio.list_images(images_dir))
-    if limit:
-        rels = rels[:limit]
-    if not rels:
-        raise ValueError(f"{images_dir}: no images found; pass --images a folder of JPEG/PNG images.")
-    n_threads = int(threads or os.cpu_count() or 1)
-    model = OnnxModel(Path(model_path), threads=n_threads, device=device)
-    sample = []
-    for rel in rels:
-        if len(sample) == 32:
-            break
-        try:
-            sample.append(imageio.prepare(imageio.read_image(images_dir / rel), model.pp))
-        except imageio.ImageError:
-            continue  # the end-to-end run reports it
-    if not sample:
-        raise ValueError(f"{images_dir}: no readable images; pass --images a folder of JPEG/PNG images.")
-    groups: dict[tuple[int, int], list[np.ndarray]] = {}
-    for x, meta in sample:
-        groups.setdefault(meta.pad_hw, []).append(x)
-    batches = [np.stack(xs[i : i + batch]) for xs in groups.values() for i in range(0, len(xs), batch)]
-    model.logits(batches[0])  # warm-up
-
-    def inference_passes(n: int) -> list[float]:
-        out = []
-        for _ in range(n):
-            t0 = time.perf_counter()
-            for xb in batches:
-                model.logits(xb)
-            out.append(len(sample) / (time.perf_counter() - t0))
-        return out
-
-    # pure inference is timed before and after the end-to-end run and the median taken, so a passing change
-    # in the machine's speed does not land on one side of the ratio only
-    passes = inference_passes(3)
-
-    target = Path(out_dir) / "preannotations"
-    shutil.rmtree(target, ignore_errors=True)
-    target.mkdir(parents=True)
-    journal = batchmod.Journal(target, overwrite=True)
-    failed = 0
-
-    def on_outcome(o: batchmod.Outcome) -> None:
-        nonlocal failed
-        if o.record is not None:
-            journal.record(o.record)
-        else:
-            failed += 1
-
-    post = batchmod.choose_postprocess(postprocess, model.providers)
-    if post == "graph":  # build and warm the post-processing session outside the timed run
-        model.masks(np.stack([sample[0][0]]), sample[0][1])
-    t0 = time.perf_counter()
-    batchmod.run_local(
-        model,
-        images_dir,
-        target,
-        rels,
-        on_outcome,
-        batch=batch,
-        io_threads=io_threads,
-        overlays=overlays,
-        postprocess=post,
-    )
-
-    journal.close()
-    seconds = time.perf_counter() - t0
-    e2e_ips = (len(rels) - failed) / seconds
-    passes += inference_passes(3)
-    inference_ips = float(np.median(passes))
-    rec = {
-        "images": len(rels),
-        "failed": failed,
-        "batch": batch,
-        "threads": n_threads,
-        "io_threads": io_threads,
-        "overlays": overlays,
-        "postprocess": post,
-        "providers": list(model.providers),
-        "inference_images_per_s": round(inference_ips, 3),
-        "inference_passes": [round(v, 3) for v in passes],
-        "end_to_end_images_per_s": round(e2e_ips, 3),
-        "end_to_end_seconds": round(seconds, 2),
-        "e2e_over_inference": round(e2e_ips / inference_ips, 4),
-        "peak_rss_mb": round(_peak_rss_mb(), 1),
-        "model": str(model_path),
-        "commit": git_commit(),
-        "cpu": cpu_description(),
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-    }
-    with open(Path(out_dir) / PREANNOTATE_NAME, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(rec) + "\n")
-    return rec
-
-
-def _peak_rss_mb() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0

@@ -101,7 +101,7 @@ def _preload_cuda_libraries() -> None:
         log.debug("onnxruntime.preload_dlls failed: %s", exc)
 
 
-def _providers_for(device: str) -> list[str | tuple[str, dict[str, str]]]:
+def providers_for(device: str) -> list[str | tuple[str, dict[str, str]]]:
     """Execution providers to ask for: CUDA first (when wanted and built in), then CPU."""
     wanted: list[str | tuple[str, dict[str, str]]] = []
     if device != "cpu" and "CUDAExecutionProvider" in ort.get_available_providers():
@@ -272,7 +272,7 @@ class OnnxModel:
         )
 
         opts = session_options(threads, optimization, spinning)
-        wanted = _providers_for(device)
+        wanted = providers_for(device)
         self._options, self._wanted = opts, wanted
         self._post_session: ort.InferenceSession | None = None
         self._post_lock = threading.Lock()

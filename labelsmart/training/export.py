@@ -47,7 +47,7 @@ def _fsync(path: Path) -> None:
         os.fsync(fh.fileno())
 
 
-def _export(model: SegModel, path: Path, opset: int, example_input: torch.Tensor | None = None) -> str:
+def export_graph(model: SegModel, path: Path, opset: int, example_input: torch.Tensor | None = None) -> str:
     """Write ``model.forward`` to ``path``; dynamo exporter first, the TorchScript one if that fails.
 
     Args:
@@ -147,7 +147,7 @@ def export_onnx(checkpoint: Path, out: Path, metrics: dict[str, Any] | None = No
     tmp_json = _temp_path(out.with_suffix(".json"), ".json.tmp")
     moved = False
     try:
-        exporter = _export(model, tmp_onnx, opset)
+        exporter = export_graph(model, tmp_onnx, opset)
         try:
             onnx.checker.check_model(onnx.load(str(tmp_onnx)), full_check=True)
         except Exception as exc:

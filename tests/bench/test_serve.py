@@ -9,7 +9,7 @@ import cv2
 import pytest
 from conftest import CLASSES, synth_scene, write_toy_model
 
-from labelsmart.cli import main
+from labelsmart.bench.cli import main
 
 KEYS = {
     "engine",
