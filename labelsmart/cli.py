@@ -157,8 +157,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise CliError(str(exc)) from exc
     finally:
         progress.close()
-    onnx_path = Path(row.path) / "model.onnx"
-    print(f"published model v{row.version}: {onnx_path}")
+    print(f"published model v{row.version}: {row.onnx}")
     print(_metrics_line(row.metrics))
     return EXIT_OK
 
@@ -181,7 +180,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             raise CliError(f"{ckpt}: checkpoint not found; pass --checkpoint a model.pt file.")
         default_name = ckpt.parent.name if ckpt.stem == "model" else ckpt.stem
     else:
-        from labelsmart.store import Store
+        from labelsmart.store import Store, version_name
 
         cfg = config.load(_flags(args, "dataset", "workdir", "models_dir"))
         if cfg.dataset is None or cfg.workdir is None or not cfg.db_path.is_file():
@@ -193,11 +192,11 @@ def cmd_export(args: argparse.Namespace) -> int:
         row = store.latest_published()
         if row is None:
             raise CliError(f"{cfg.dataset}: the project has no published model yet; train one first.")
-        ckpt = Path(row.path) / "model.pt"
+        ckpt = row.checkpoint
         if not ckpt.is_file():
             raise CliError(f"{ckpt}: checkpoint of model v{row.version} is missing from the registry; train again.")
         metrics = dict(row.metrics)
-        default_name = f"{cfg.project}-v{row.version:04d}"
+        default_name = f"{cfg.project}-{version_name(row.version)}"
     out = Path(args.out) if args.out else Path(config.Config().exports_dir) / f"{default_name}.onnx"
     if out.suffix != ".onnx":
         raise CliError(f"{out}: the output must end in .onnx; pass --out exports/NAME.onnx.")
@@ -223,7 +222,7 @@ def cmd_preannotate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from labelsmart.preannotate import pipeline as batch
-    from labelsmart.serving.predictor import OnnxModel
+    from labelsmart.serving.onnx_model import OnnxModel
 
     images = Path(args.images)
     out = Path(args.out)
@@ -333,7 +332,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from labelsmart.datasets import DataFolder, evaluate
-    from labelsmart.serving.predictor import OnnxModel
+    from labelsmart.serving.onnx_model import OnnxModel
 
     folder = DataFolder.open(Path(args.dataset), "--dataset")
     names_in_split = folder.names(args.split)

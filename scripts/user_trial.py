@@ -30,6 +30,8 @@ from labelsmart import imageio  # noqa: E402
 from labelsmart.bench.common import seeded_order  # noqa: E402
 from labelsmart.bench.scribble import simulate_scribbles  # noqa: E402
 from labelsmart.datasets import DataFolder  # noqa: E402
+from labelsmart.serving.sidecar import Sidecar  # noqa: E402
+from labelsmart.store.registry import ONNX_NAME  # noqa: E402
 
 FLAGS = [
     "--headless",
@@ -180,10 +182,9 @@ def main() -> int:
             result[f"seconds_train_now_to_v{version}"] = round(time.time() - t, 1)
         result["versions"] = {}
         eval_splits = args.eval_split.split(",")
-        for onnx_path in sorted((work / "models").glob("*/v*/model.onnx")):
+        for onnx_path in sorted((work / "models").glob(f"*/v*/{ONNX_NAME}")):
             version = onnx_path.parent.name
-            sidecar = json.loads(onnx_path.with_suffix(".json").read_text())
-            result["versions"][version] = {"metrics": sidecar.get("metrics"), "eval": {}}
+            result["versions"][version] = {"metrics": Sidecar.read(onnx_path).metrics, "eval": {}}
             for split in eval_splits:
                 ev = out / f"{version}.eval-{split}.json"
                 cmd = [sys.executable, "-m", "labelsmart", "evaluate", "--model", str(onnx_path)]

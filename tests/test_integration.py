@@ -11,7 +11,8 @@ from conftest import scribbles
 from labelsmart import imageio
 from labelsmart.cli import main
 from labelsmart.project import open_project
-from labelsmart.serving.predictor import OnnxModel, Predictor
+from labelsmart.serving.onnx_model import OnnxModel
+from labelsmart.serving.predictor import Predictor
 from labelsmart.training.trainer import run_one_round
 
 

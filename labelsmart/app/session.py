@@ -11,7 +11,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -19,6 +19,10 @@ from labelsmart import imageio
 from labelsmart.config import IGNORE_INDEX, Config
 from labelsmart.serving import active
 from labelsmart.store import Store, StoreError
+
+if TYPE_CHECKING:
+    from labelsmart.serving.predictor import Predictor
+    from labelsmart.training.trainer import Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -51,12 +55,11 @@ class Session:
     Args:
         cfg: configuration.
         store: the project store.
-        predictor: a :class:`labelsmart.serving.predictor.Predictor` (or anything with ``refresh``, ``version``,
-            ``providers`` and ``predict(image_id)``).
+        predictor: the project's predictor (the page shows what it serves).
         supervisor: the trainer supervisor, or None when no trainer runs in this process.
     """
 
-    def __init__(self, cfg: Config, store: Store, predictor: Any, supervisor: Any | None = None) -> None:
+    def __init__(self, cfg: Config, store: Store, predictor: Predictor, supervisor: Supervisor | None = None) -> None:
         self.cfg = cfg
         self.store = store
         self.predictor = predictor

@@ -103,7 +103,7 @@ def _median(values: Sequence[float | None]) -> float | None:
 
 def evaluate_version(onnx_path: Path, folder: DataFolder, names: Sequence[str], threads: int) -> dict[str, float]:
     """mIoU and pixel accuracy of one exported version over a split (:func:`labelsmart.datasets.evaluate`)."""
-    from labelsmart.serving.predictor import OnnxModel
+    from labelsmart.serving.onnx_model import OnnxModel
 
     model = OnnxModel(onnx_path, threads=threads or None, device="cpu")
     s = evaluate(lambda image: model.predict(image).mask, folder, names)

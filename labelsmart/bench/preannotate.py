@@ -13,7 +13,7 @@ import numpy as np
 
 from labelsmart import imageio
 from labelsmart.bench.common import peak_rss_mb, provenance
-from labelsmart.serving.predictor import OnnxModel
+from labelsmart.serving.onnx_model import OnnxModel
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from labelsmart import imageio
 from labelsmart.bench.common import provenance
-from labelsmart.serving.predictor import OnnxModel
+from labelsmart.serving.onnx_model import OnnxModel
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +195,7 @@ def gpu_variants(
     """
     import onnxruntime as ort
 
-    from labelsmart.serving.predictor import providers_for, session_options
+    from labelsmart.serving.onnx_model import providers_for, session_options
 
     def iobinding(sess: ort.InferenceSession, x: np.ndarray) -> Callable[[], Any]:
         value = ort.OrtValue.ortvalue_from_numpy(x, "cuda", 0)
@@ -440,7 +440,7 @@ def tune_benchmark(
     full serving call (inference plus turning its output into a mask and a confidence at the image's size),
     everything else at the default. Options: intra-op ``threads``; graph ``optimization`` level; thread
     ``spinning``; ``postprocess`` (``host``: as the predictor does it, in NumPy/OpenCV; ``graph``: the same
-    steps appended to the graph, :meth:`~labelsmart.serving.predictor.OnnxModel.masks`; its ``agreement`` with
+    steps appended to the graph, :meth:`~labelsmart.serving.onnx_model.OnnxModel.masks`; its ``agreement`` with
     ``host`` is the fraction of pixels with the same class); and ``first_call_ms``
     at a new input shape against a warmed one (why buckets with a warm-up matter).
     """

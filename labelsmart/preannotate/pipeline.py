@@ -4,7 +4,7 @@ The work per image is split in three functions shared by every engine (the local
 engine in :mod:`labelsmart.preannotate.ray_engine`), so both write byte-identical files:
 
 - :func:`load_item`: read and decode the image, prepare the network input (any thread or process);
-- the model's :meth:`~labelsmart.serving.predictor.OnnxModel.logits` on a batch of inputs of one padded size;
+- the model's :meth:`~labelsmart.serving.onnx_model.OnnxModel.logits` on a batch of inputs of one padded size;
 - :func:`finish_item`: logits -> mask and confidence at the image's size, overlay and palette mask written
   atomically, and the image's manifest record.
 
@@ -25,13 +25,16 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import cv2
 import numpy as np
 
 from labelsmart import imageio
 from labelsmart.config import PreprocessConfig
+
+if TYPE_CHECKING:
+    from labelsmart.serving.onnx_model import OnnxModel
 
 MANIFEST_NAME = "manifest.jsonl"
 ERRORS_NAME = "errors.jsonl"
@@ -46,8 +49,8 @@ class ModelInfo:
     colors: tuple[tuple[int, int, int], ...]
 
     @classmethod
-    def of(cls, model: Any) -> ModelInfo:
-        """From an :class:`~labelsmart.serving.predictor.OnnxModel`."""
+    def of(cls, model: OnnxModel) -> ModelInfo:
+        """What a model's files say of it."""
         return cls(int(model.version), tuple(model.class_names), tuple(tuple(c) for c in model.colors))
 
 
@@ -214,7 +217,7 @@ WRITE_FAILED = "cannot write its outputs ({}); check the free space and permissi
 
 
 def run_local(
-    model: Any,
+    model: OnnxModel,
     images: Path,
     out: Path,
     todo: Iterable[Path],
@@ -232,7 +235,7 @@ def run_local(
     retried image by image, so one bad image fails alone.
 
     ``postprocess``: ``host`` turns logits into masks in the I/O threads (:func:`finish_item`); ``graph``
-    does it inside ONNX Runtime (:meth:`~labelsmart.serving.predictor.OnnxModel.masks`), the winner on a GPU, where
+    does it inside ONNX Runtime (:meth:`~labelsmart.serving.onnx_model.OnnxModel.masks`), the winner on a GPU, where
     the host would otherwise resize every class's logits; images then batch by padded, working and
     original size together.
     """

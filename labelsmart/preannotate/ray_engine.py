@@ -77,7 +77,7 @@ class _Infer:
     """Ray Data step 2: an actor holding one ONNX Runtime session (on its GPU when it was given one)."""
 
     def __init__(self, model_path: str, threads: int, device: str) -> None:
-        from labelsmart.serving.predictor import OnnxModel
+        from labelsmart.serving.onnx_model import OnnxModel
 
         self.model = OnnxModel(Path(model_path), threads=threads or None, device=device)
 
@@ -157,7 +157,7 @@ def run_ray(
     """
     import json
 
-    from labelsmart.serving.predictor import OnnxModel
+    from labelsmart.serving.onnx_model import OnnxModel
 
     if not todo:
         return

@@ -22,15 +22,17 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
 
 from labelsmart import imageio
 from labelsmart.config import ActiveConfig
-from labelsmart.store import Store
+from labelsmart.store import ModelRow, Store
+
+if TYPE_CHECKING:
+    from labelsmart.serving.onnx_model import OnnxModel
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +115,7 @@ def image_thumbnail(store: Store, image_id: int, image: np.ndarray | None = None
 
 def score_version(
     store: Store,
-    model: Any,
+    model: OnnxModel,
     version: int,
     acfg: ActiveConfig,
     should_stop: Callable[[], bool] | None = None,
@@ -127,7 +129,7 @@ def score_version(
 
     Args:
         store: the project store.
-        model: an :class:`labelsmart.serving.predictor.OnnxModel` (anything with ``logits(batch)`` and ``pp``).
+        model: the version's model (only ``logits(batch)`` and ``pp`` are used).
         version: the registry version of ``model``.
         acfg: active-learning settings.
         should_stop: polled between images.
@@ -171,11 +173,11 @@ def score_version(
     return done
 
 
-def score_published(store: Store, row: Any, acfg: ActiveConfig, threads: int = 1, **kw: Any) -> int:
+def score_published(store: Store, row: ModelRow, acfg: ActiveConfig, threads: int = 1, **kw: Any) -> int:
     """Load a published version's ONNX model on the CPU and score with it (what the trainer runs)."""
-    from labelsmart.serving.predictor import OnnxModel
+    from labelsmart.serving.onnx_model import OnnxModel
 
-    model = OnnxModel(Path(row.path) / "model.onnx", threads=threads, device="cpu", version=row.version)
+    model = OnnxModel(row.onnx, threads=threads, device="cpu", version=row.version)
     return score_version(store, model, row.version, acfg, **kw)
 
 

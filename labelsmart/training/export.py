@@ -21,12 +21,12 @@ import onnx
 import onnxruntime as ort
 import torch
 
+from labelsmart.config import PreprocessConfig
+from labelsmart.serving.sidecar import INPUT_NAME, OUTPUT_NAME, Sidecar, sidecar_path
 from labelsmart.training.model import SegModel, load_checkpoint
 
 log = logging.getLogger(__name__)
 
-SIDECAR_FORMAT = "labelsmart-onnx/1"
-INPUT_NAME, OUTPUT_NAME = "image", "logits"
 PARITY_SHAPES = ((1, 3, 64, 96), (2, 3, 96, 64))  # differ in batch, height and width; multiples of 32
 PARITY_RTOL = 1e-3  # of the logits' scale (at least 1)
 
@@ -123,8 +123,8 @@ def check_parity(model: SegModel, onnx_path: Path, threads: int | None = None) -
     return worst
 
 
-def export_onnx(checkpoint: Path, out: Path, metrics: dict[str, Any] | None = None, opset: int = 18) -> dict[str, Any]:
-    """Export a checkpoint's segmentation path to ``out`` and write its sidecar ``out.with_suffix(".json")``.
+def export_onnx(checkpoint: Path, out: Path, metrics: dict[str, Any] | None = None, opset: int = 18) -> Sidecar:
+    """Export a checkpoint's segmentation path to ``out`` and write its sidecar (``out`` with ``.json``).
 
     Args:
         checkpoint: ``model.pt`` written by :func:`labelsmart.training.model.save_checkpoint`.
@@ -133,7 +133,7 @@ def export_onnx(checkpoint: Path, out: Path, metrics: dict[str, Any] | None = No
         opset: ONNX opset.
 
     Returns:
-        The sidecar dictionary.
+        The sidecar written.
 
     Raises:
         ExportError: export, ``onnx.checker`` or the parity check failed; nothing was written.
@@ -144,7 +144,7 @@ def export_onnx(checkpoint: Path, out: Path, metrics: dict[str, Any] | None = No
     model, ckpt = load_checkpoint(Path(checkpoint))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp_onnx = _temp_path(out, ".onnx.tmp")
-    tmp_json = _temp_path(out.with_suffix(".json"), ".json.tmp")
+    tmp_json = _temp_path(sidecar_path(out), ".json.tmp")
     moved = False
     try:
         exporter = export_graph(model, tmp_onnx, opset)
@@ -154,32 +154,33 @@ def export_onnx(checkpoint: Path, out: Path, metrics: dict[str, Any] | None = No
             raise ExportError(f"the exported ONNX graph does not pass onnx.checker ({exc}).") from exc
         diff = check_parity(model, tmp_onnx)
         pp = ckpt["preprocess"]
-        sidecar = {
-            "format": SIDECAR_FORMAT,
-            "version": int(ckpt.get("version", 0)),
-            "classes": ckpt["classes"],
-            "num_classes": int(ckpt["num_classes"]),
-            "mean": list(pp["mean"]),
-            "std": list(pp["std"]),
-            "max_side": int(pp["max_side"]),
-            "pad_multiple": int(pp["pad_multiple"]),
-            "input_name": INPUT_NAME,
-            "output_name": OUTPUT_NAME,
-            "output": "logits (B, K, H, W) at input size; softmax over K",
-            "opset": int(opset),
-            "metrics": metrics if metrics is not None else ckpt.get("metrics", {}),
-            "arch": ckpt["model"]["arch"],
-            "encoder": ckpt["model"]["encoder"],
-            "exporter": exporter,
-            "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            "parity_max_abs_diff": diff,
-        }
-        tmp_json.write_text(json.dumps(sidecar, indent=2, default=_json_default))
+        sidecar = Sidecar(
+            version=int(ckpt.get("version", 0)),
+            classes=tuple(ckpt["classes"]),
+            preprocess=PreprocessConfig(
+                max_side=int(pp["max_side"]),
+                pad_multiple=int(pp["pad_multiple"]),
+                mean=tuple(float(v) for v in pp["mean"]),
+                std=tuple(float(v) for v in pp["std"]),
+            ),
+            input_name=INPUT_NAME,
+            output_name=OUTPUT_NAME,
+            metrics=metrics if metrics is not None else ckpt.get("metrics", {}),
+            details={
+                "opset": int(opset),
+                "arch": ckpt["model"]["arch"],
+                "encoder": ckpt["model"]["encoder"],
+                "exporter": exporter,
+                "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+                "parity_max_abs_diff": diff,
+            },
+        )
+        tmp_json.write_text(json.dumps(sidecar.to_json(), indent=2, default=_json_default))
         _fsync(tmp_onnx)
         _fsync(tmp_json)
         os.replace(tmp_onnx, out)
         moved = True
-        os.replace(tmp_json, out.with_suffix(".json"))
+        os.replace(tmp_json, sidecar_path(out))
     except BaseException:
         for p in (tmp_onnx, tmp_json):
             p.unlink(missing_ok=True)

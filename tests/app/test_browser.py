@@ -150,7 +150,7 @@ def test_paint_save_and_see_preannotation(tmp_path: Path):
     assert (strokes == 0).sum() > 50 and (strokes == 1).sum() > 50  # both strokes landed with their class
     assert (strokes[:30] != 1).all() and (strokes[-30:] != 0).all()  # ... where they were painted
     # The accepted pre-annotation was saved where the model put it: pixel for pixel, not shifted.
-    from labelsmart.serving.predictor import OnnxModel
+    from labelsmart.serving.onnx_model import OnnxModel
 
     model = OnnxModel(Path(store.latest_published().path).parent / "v0001" / "model.onnx", threads=1, device="cpu")
     second = store.image(expected.image_id)

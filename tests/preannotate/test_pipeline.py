@@ -15,7 +15,7 @@ from pycocotools import mask as mask_utils
 from labelsmart import imageio
 from labelsmart.cli import main
 from labelsmart.preannotate import pipeline as batch
-from labelsmart.serving.predictor import OnnxModel
+from labelsmart.serving.onnx_model import OnnxModel
 
 
 def write_images(root: Path, n: int, sizes: list[tuple[int, int]]) -> list[Path]:

@@ -15,7 +15,7 @@ from labelsmart import config
 from labelsmart.config import ActiveConfig
 from labelsmart.project import open_project
 from labelsmart.serving import active
-from labelsmart.serving.predictor import OnnxModel
+from labelsmart.serving.onnx_model import OnnxModel
 
 H, W = 48, 64
 
@@ -144,10 +144,16 @@ def test_trainer_scores_after_publishing(tiny_cfg, tmp_path, monkeypatch):
     store.save_label(img.id, m)
     onnx = write_toy_model(tmp_path / "m" / "v0001" / "model.onnx", max_side=32)
 
+    folder = str(onnx.parent)
+
     @dataclasses.dataclass
-    class Row:
+    class Row:  # what the trainer loop reads of a published registry row
         version: int = 1
-        path: str = str(onnx.parent)
+        path: str = folder
+
+        @property
+        def onnx(self) -> Path:
+            return Path(self.path) / "model.onnx"
 
     monkeypatch.setattr(trainer, "run_one_round", lambda cfg, st, progress=None, **kw: Row())
     loop = TrainerLoop(tiny_cfg, store)

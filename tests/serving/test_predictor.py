@@ -15,7 +15,9 @@ import pytest
 from conftest import BLUE, GREEN, RED, write_toy_model
 
 from labelsmart import config
-from labelsmart.serving.predictor import OnnxModel, Prediction, Predictor, load_sidecar
+from labelsmart.serving.onnx_model import OnnxModel, Prediction
+from labelsmart.serving.predictor import Predictor
+from labelsmart.serving.sidecar import load_sidecar
 from labelsmart.store import Snapshot, Store
 
 
@@ -109,8 +111,8 @@ def test_importing_and_predicting_does_not_import_torch(tmp_path: Path) -> None:
     path = write_toy_model(tmp_path / "toy.onnx")
     code = (
         "import sys, numpy as np\n"
-        "import labelsmart.serving.predictor, labelsmart.cli\n"
-        f"m = labelsmart.serving.predictor.OnnxModel({str(path)!r}, threads=1, device='cpu')\n"
+        "import labelsmart.serving.predictor, labelsmart.serving.onnx_model, labelsmart.cli\n"
+        f"m = labelsmart.serving.onnx_model.OnnxModel({str(path)!r}, threads=1, device='cpu')\n"
         "p = m.predict(np.zeros((20, 30, 3), np.uint8))\n"
         "assert p.mask.shape == (20, 30)\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"

@@ -89,7 +89,7 @@ def test_round_then_export_then_failed_export_leaves_nothing(project, tmp_path: 
     )
 
     onnx_path = tmp_path / "exports" / "m.onnx"
-    sidecar = export_onnx(checkpoint, onnx_path)
+    sidecar = export_onnx(checkpoint, onnx_path).to_json()
     assert onnx_path.is_file() and onnx_path.with_suffix(".json").is_file()
     assert json.loads(onnx_path.with_suffix(".json").read_text())["version"] == 1
     assert sidecar["format"] == "labelsmart-onnx/1" and sidecar["num_classes"] == 3
