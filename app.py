@@ -42,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from labelsmart import config, demo
-    from labelsmart.app.session import Session, build_ui
+    from labelsmart.app.layout import build_ui
+    from labelsmart.app.session import Session
     from labelsmart.imageio import ImageError
     from labelsmart.project import ProjectError, open_project
     from labelsmart.serving.predictor import Predictor

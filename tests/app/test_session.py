@@ -129,7 +129,7 @@ def test_progress_panel(session: Session, tmp_path: Path):
 
 
 def test_build_ui_wires_next_progress_and_shortcuts(session: Session):
-    from labelsmart.app.session import SHORTCUTS, SHORTCUTS_JS, build_ui
+    from labelsmart.app.layout import SHORTCUTS, SHORTCUTS_JS, build_ui
 
     demo = build_ui(session)
     ids = {getattr(b, "elem_id", None) for b in demo.blocks.values()}

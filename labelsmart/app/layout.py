@@ -1,0 +1,301 @@
+"""The labelling page: all layout and wiring in one ``build_ui``, over the handlers of :class:`Session`.
+
+Only ``app.py`` calls ``launch()``. Gradio is imported here, when the page is built.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from typing import Any
+
+from labelsmart.app.session import Session, hex_color
+
+# Keyboard shortcuts, bound once per page; keys typed into a text field or with a modifier are left alone.
+SHORTCUTS = {"n": "#ls-next", "p": "#ls-prev", "s": "#ls-save", "a": "#ls-accept", "u": "#ls-undo"}
+SHORTCUTS_MD = (
+    "Keys: **n** next · **p** previous · **s** save · **a** use pre-annotation · **u** undo last save · "
+    "**1**–**9** class 0–8 as brush colour"
+)
+SHORTCUTS_JS = """
+() => {
+  if (window.__labelsmartKeys) return;
+  window.__labelsmartKeys = true;
+  const keys = __KEYS__;
+  const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+  const q = (sel) => document.querySelector(sel);
+  const swatches = () => document.querySelectorAll("#ls-editor button.color");
+  async function pickClass(i) {
+    const brush = q("#ls-editor button[aria-label='Brush']");
+    if (brush && !brush.classList.contains("highlight")) { brush.click(); await sleep(50); }
+    if (!swatches().length) {
+      const color = q("#ls-editor button[aria-label='Color']");
+      if (color) color.click();
+      for (let t = 0; t < 40 && !swatches().length; t++) await sleep(50);  // the palette opens
+    }
+    const s = swatches();
+    if (s[i]) s[i].click();
+  }
+  document.addEventListener("keydown", (e) => {
+    if (e.ctrlKey || e.metaKey || e.altKey || e.repeat) return;
+    const t = e.target;
+    const tag = ((t && t.tagName) || "").toLowerCase();
+    if (tag === "input" || tag === "textarea" || tag === "select" || (t && t.isContentEditable)) return;
+    const k = (e.key || "").toLowerCase();
+    if (keys[k]) { const el = q(keys[k]); if (el) { e.preventDefault(); el.click(); } return; }
+    if (/^[1-9]$/.test(k)) { e.preventDefault(); pickClass(parseInt(k, 10) - 1); }
+  }, true);
+}
+""".replace("__KEYS__", json.dumps(SHORTCUTS))
+CLASS_IOU_HEADERS = ["class", "IoU %"]
+ORDER_CHOICES = [
+    ("the most uncertain image (active learning)", "suggested"),
+    ("the next image in the list", "sequential"),
+]
+
+VERSION_HEADERS = ["version", "status", "labelled images", "labelled pixels", "val mIoU %", "steps", "seconds", "time"]
+
+
+def build_ui(session: Session, poll_s: float = 2.0) -> Any:
+    """All layout and wiring of the labelling page. Returns a ``gr.Blocks``; the caller launches it.
+
+    One long function on purpose (STYLE.md, convention 7): Gradio wires events to components created inside the
+    same ``gr.Blocks`` context, and the page's twenty-odd components are read and written by many events, so
+    the page reads top to bottom here as it looks, and every handler it calls is a plain, tested method of
+    :class:`Session`.
+    """
+    import gradio as gr
+
+    def brush() -> gr.Brush:
+        colors = [hex_color(c) for c in session.colors()] or ["#000000"]
+        return gr.Brush(colors=colors, default_color=colors[0], color_mode="fixed", default_size=8)
+
+    with gr.Blocks(title="labelsmart") as demo:
+        current = gr.State(None)  # image id on screen
+        shown_version = gr.State(None)  # model version of the overlay on screen
+        picked = gr.State([])  # images Next offered in this session (not offered again)
+        back = gr.State([])  # images left with Next, for Previous
+        seen_models = gr.State(None)  # number of model versions when the progress plot was drawn
+        gr.Markdown(f"## labelsmart · {html.escape(session.cfg.project)}")
+        with gr.Row():
+            with gr.Column(scale=1, min_width=240):
+                progress = gr.Markdown(session.progress_md(), elem_id="ls-progress")
+                picker = gr.Dropdown(
+                    choices=session.image_choices(),
+                    label="Image (● labelled ◐ pre-annotated ○ unlabelled)",
+                    elem_id="ls-picker",
+                    interactive=True,
+                )
+                with gr.Row():
+                    prev_btn = gr.Button("◀ Previous", elem_id="ls-prev")
+                    next_btn = gr.Button("Next ▶", elem_id="ls-next")
+                order = gr.Radio(ORDER_CHOICES, value=session.cfg.active.order, label="Next opens", elem_id="ls-order")
+                image_info = gr.Markdown(elem_id="ls-image-info")
+                why = gr.Markdown(elem_id="ls-why")
+                gr.Markdown(SHORTCUTS_MD, elem_id="ls-keys")
+                with gr.Accordion("Classes", open=not session.store.classes()):
+                    new_class = gr.Textbox(label="New class name", elem_id="ls-new-class")
+                    new_color = gr.ColorPicker(label="Colour (optional)")
+                    add_class_btn = gr.Button("Add class")
+                    class_msg = gr.Markdown()
+            with gr.Column(scale=3):
+                legend = gr.HTML(session.legend_html(), elem_id="ls-legend")
+                editor = gr.ImageEditor(
+                    type="numpy",
+                    format="png",
+                    image_mode="RGBA",
+                    brush=brush(),
+                    eraser=gr.Eraser(default_size=16),
+                    layers=gr.LayerOptions(allow_additional_layers=False, layers=["labels"]),
+                    sources=(),
+                    transforms=(),
+                    label="Paint labels (brush = class colour, eraser = unlabelled)",
+                    elem_id="ls-editor",
+                    height=560,
+                    # Smaller than any image on purpose: Gradio 6 places value layers (saved labels, the
+                    # copied pre-annotation) off by half the canvas when the image is smaller than the
+                    # canvas; an image at least the canvas size gets its layers aligned, at full resolution.
+                    canvas_size=(64, 64),
+                    interactive=True,
+                )
+                with gr.Row():
+                    save_btn = gr.Button("Save", variant="primary", elem_id="ls-save")
+                    accept_btn = gr.Button("Use pre-annotation", elem_id="ls-accept")
+                    undo_btn = gr.Button("Undo last save", elem_id="ls-undo")
+                save_msg = gr.Markdown(elem_id="ls-save-msg")
+            with gr.Column(scale=2, min_width=300):
+                overlay = gr.Image(label="Pre-annotation", type="numpy", interactive=False, elem_id="ls-overlay")
+                alpha = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="Overlay opacity")
+                overlay_info = gr.Markdown(elem_id="ls-overlay-info")
+                uncertainty = gr.Image(
+                    label="Uncertainty (bright = unsure)", type="numpy", interactive=False, elem_id="ls-uncertainty"
+                )
+                uncertainty_info = gr.Markdown(elem_id="ls-uncertainty-info")
+                trainer_md = gr.Markdown(session.trainer_md(), elem_id="ls-trainer")
+                train_btn = gr.Button("Train now", elem_id="ls-train-now")
+                versions = gr.Dataframe(
+                    headers=VERSION_HEADERS,
+                    value=session.versions_rows(),
+                    label="Model versions",
+                    interactive=False,
+                    elem_id="ls-versions",
+                )
+                with gr.Accordion("Progress of the model", open=True):
+                    curve = gr.LinePlot(
+                        session.miou_curve(),
+                        x="labelled pixels",
+                        y="val mIoU %",
+                        title="Validation mIoU against labels spent",
+                        tooltip="all",
+                        elem_id="ls-curve",
+                    )
+                    iou_rows, iou_caption = session.class_iou_rows()
+                    class_iou_caption = gr.Markdown(iou_caption, elem_id="ls-class-iou-caption")
+                    class_iou = gr.Dataframe(
+                        headers=CLASS_IOU_HEADERS, value=iou_rows, interactive=False, elem_id="ls-class-iou"
+                    )
+
+        def show(image_id: int | None, a: float) -> tuple:
+            v = session.view(image_id, a)
+            return (
+                v.image_id,
+                v.editor,
+                v.overlay,
+                v.overlay_info,
+                v.image_info,
+                v.version,
+                gr.Dropdown(choices=session.image_choices(), value=v.image_id),
+                v.uncertainty,
+                v.uncertainty_info,
+            )
+
+        view_outputs = [
+            current,
+            editor,
+            overlay,
+            overlay_info,
+            image_info,
+            shown_version,
+            picker,
+            uncertainty,
+            uncertainty_info,
+        ]
+
+        def go_next(image_id: int | None, a: float, seen: list[int], left: list[int], how: str) -> tuple:
+            nxt, reason = session.next_image(image_id, seen, how)
+            seen = [*(seen or []), nxt] if how == "suggested" else list(seen or [])
+            left = [*(left or []), image_id][-100:] if image_id is not None else list(left or [])
+            return (*show(nxt, a), reason, seen, left)
+
+        def go_previous(image_id: int | None, a: float, left: list[int]) -> tuple:
+            left = list(left or [])
+            prev = left.pop() if left else session.neighbour(image_id, -1)
+            return (*show(prev, a), "", left)
+
+        def open_image(image_id: int | None, a: float) -> tuple:
+            return (*show(image_id, a), "")
+
+        demo.load(lambda a: show(None, a), inputs=[alpha], outputs=view_outputs, api_name="load")
+        demo.load(None, js=SHORTCUTS_JS)
+        picker.input(open_image, inputs=[picker, alpha], outputs=[*view_outputs, why], api_name="open_image")
+        prev_btn.click(
+            go_previous, inputs=[current, alpha, back], outputs=[*view_outputs, why, back], api_name="previous"
+        )
+        next_btn.click(
+            go_next,
+            inputs=[current, alpha, picked, back, order],
+            outputs=[*view_outputs, why, picked, back],
+            api_name="next",
+        )
+
+        def save(image_id: int | None, value: dict | None) -> tuple:
+            msg = session.save(image_id, value)
+            info = session.image_info(int(image_id)) if image_id is not None else ""
+            return msg, info, session.progress_md(), gr.Dropdown(choices=session.image_choices(), value=image_id)
+
+        save_btn.click(
+            save, inputs=[current, editor], outputs=[save_msg, image_info, progress, picker], api_name="save"
+        )
+
+        def undo(image_id: int | None, a: float) -> tuple:
+            msg = session.undo(image_id)
+            return (msg, *show(image_id, a))
+
+        undo_btn.click(undo, inputs=[current, alpha], outputs=[save_msg, *view_outputs], api_name="undo")
+
+        def accept(image_id: int | None) -> tuple:
+            value = session.preannotation_layer(image_id) if image_id is not None else None
+            if value is None:
+                return gr.skip(), "No pre-annotation yet."
+            return value, "Pre-annotation copied into the editor: correct it, then Save."
+
+        accept_btn.click(accept, inputs=[current], outputs=[editor, save_msg], api_name="use_preannotation")
+
+        def redraw(image_id: int | None, a: float) -> tuple:
+            if image_id is None:
+                return gr.skip(), gr.skip(), gr.skip()
+            ov, info, version = session.preannotation(int(image_id), alpha=a)
+            return ov, info, version
+
+        alpha.release(redraw, inputs=[current, alpha], outputs=[overlay, overlay_info, shown_version])
+
+        def add_class(name: str, color: str | None) -> tuple:
+            msg = session.add_class(name, color)
+            return msg, session.legend_html(), gr.ImageEditor(brush=brush()), ""
+
+        add_class_btn.click(
+            add_class,
+            inputs=[new_class, new_color],
+            outputs=[class_msg, legend, editor, new_class],
+            api_name="add_class",
+        )
+        train_btn.click(session.train_now, outputs=[save_msg], api_name="train_now")
+
+        def poll(image_id: int | None, version: int | None, a: float, n_seen: int | None) -> tuple:
+            session.predictor.refresh()
+            status = session.trainer_md()
+            rows = session.versions_rows()
+            n_models = len(session.store.models())
+            if n_models != n_seen:  # redraw the progress plot and table only when a version came or went
+                iou_rows, iou_caption = session.class_iou_rows()
+                plots = (session.miou_curve(), iou_rows, iou_caption, n_models)
+            else:
+                plots = (gr.skip(), gr.skip(), gr.skip(), gr.skip())
+            if image_id is not None and session.predictor.version is not None and session.predictor.version != version:
+                ov, info, new_version = session.preannotation(int(image_id), alpha=a)
+                umap, uinfo = session.uncertainty(int(image_id))
+                return status, rows, ov, info, new_version, session.progress_md(), umap, uinfo, *plots
+            skip = gr.skip()
+            return status, rows, skip, skip, skip, session.progress_md(), skip, skip, *plots
+
+        timer = gr.Timer(poll_s)
+        timer.tick(
+            poll,
+            inputs=[current, shown_version, alpha, seen_models],
+            outputs=[
+                trainer_md,
+                versions,
+                overlay,
+                overlay_info,
+                shown_version,
+                progress,
+                uncertainty,
+                uncertainty_info,
+                curve,
+                class_iou,
+                class_iou_caption,
+                seen_models,
+            ],
+            api_name="poll",
+            show_progress="hidden",
+        )
+
+        def status() -> str:
+            return session.trainer_md()
+
+        def images() -> list[list]:
+            return [[r.id, r.path, r.state] for r in session.store.images()]
+
+        gr.api(status, api_name="status")
+        gr.api(images, api_name="images")
+    return demo
