@@ -221,7 +221,7 @@ def cmd_preannotate(args: argparse.Namespace) -> int:
     """
     from tqdm import tqdm
 
-    from labelsmart.preannotate import pipeline as batch
+    from labelsmart.preannotate import coco, pipeline
     from labelsmart.serving.onnx_model import OnnxModel
 
     images = Path(args.images)
@@ -238,8 +238,8 @@ def cmd_preannotate(args: argparse.Namespace) -> int:
         raise CliError("--address is the Ray cluster to use; add --engine ray.")
     model = OnnxModel(Path(args.model), threads=args.threads or None, device=args.device)
     out.mkdir(parents=True, exist_ok=True)
-    journal = batch.Journal(out, args.overwrite)
-    total = sum(1 for _ in batch.walk_inputs(images, out))
+    journal = pipeline.Journal(out, args.overwrite)
+    total = sum(1 for _ in pipeline.walk_inputs(images, out))
     log.info(
         "pre-annotating %d images from %s into %s with model v%d on %s (%s engine)",
         total,
@@ -258,7 +258,7 @@ def cmd_preannotate(args: argparse.Namespace) -> int:
         tqdm.write(f"skipped {rel.as_posix()}: {message}", file=sys.stderr)
         journal.error(rel, message)
 
-    def on_outcome(outcome: batch.Outcome) -> None:
+    def on_outcome(outcome: pipeline.Outcome) -> None:
         if outcome.error is not None:
             fail(outcome.rel, outcome.error)
         else:
@@ -270,7 +270,7 @@ def cmd_preannotate(args: argparse.Namespace) -> int:
             bar.set_postfix({"img/s": f"{counts['done'] / (time.perf_counter() - t0):.1f}"}, refresh=False)
 
     def todo() -> Iterator[Path]:
-        for planned in batch.plan(images, out, args.overwrite, journal.done_before):
+        for planned in pipeline.plan(images, out, args.overwrite, journal.done_before):
             if planned.action == "do":
                 yield planned.rel
             else:
@@ -297,7 +297,7 @@ def cmd_preannotate(args: argparse.Namespace) -> int:
                 address=args.address,
             )
         else:
-            batch.run_local(
+            pipeline.run_local(
                 model,
                 images,
                 out,
@@ -306,7 +306,7 @@ def cmd_preannotate(args: argparse.Namespace) -> int:
                 batch=args.batch,
                 io_threads=args.io_threads,
                 overlays=args.overlays,
-                postprocess=batch.choose_postprocess(args.postprocess, model.providers),
+                postprocess=pipeline.choose_postprocess(args.postprocess, model.providers),
             )
     finally:
         journal.close()
@@ -315,7 +315,7 @@ def cmd_preannotate(args: argparse.Namespace) -> int:
     rate = counts["done"] / seconds if counts["done"] and seconds > 0 else 0.0
     if args.coco is not None:
         coco_path = Path(args.coco) if args.coco else out / "coco.json"
-        n_img, n_ann = batch.write_coco(out, coco_path, model.class_names)
+        n_img, n_ann = coco.write_coco(out, coco_path, model.class_names)
         print(f"coco: {coco_path} ({n_img} images, {n_ann} annotations)")
     print(f"{counts['done']} images in {seconds:.1f} s ({rate:.2f} images/s)", file=sys.stderr)
     print(f"done={counts['done']} skipped={counts['skipped']} failed={counts['failed']}")

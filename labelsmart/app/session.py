@@ -152,10 +152,11 @@ class Session:
         return s.image_id, s.reason
 
     def uncertainty(self, image_id: int, image: np.ndarray | None = None) -> tuple[np.ndarray | None, str]:
-        """The serving model's uncertainty over an image (bright = unsure), and a line about it.
+        """Where the serving model is unsure of an image (bright = unsure), and a line about it.
 
-        The map stored when the trainer scored the image with the serving version (normalised entropy or
-        margin) is shown where there is one; otherwise 1 − the pre-annotation's confidence.
+        The uncertainty map stored when the trainer scored the image with the serving version (normalised
+        entropy or margin, :mod:`labelsmart.serving.active`) where there is one; otherwise the low confidence of
+        the pre-annotation (1 − the winning class's probability), and the line says which it is.
         """
         version = self.predictor.version
         if version is None:
@@ -176,7 +177,9 @@ class Session:
                 return None, ""
             umap = 1.0 - np.asarray(pred.confidence, dtype=np.float32)
             info = (
-                f"Uncertainty of **model v{version}** (1 − confidence; bright = unsure): mean {float(umap.mean()):.2f}."
+                f"Low confidence of **model v{version}** (1 − confidence of the winning class; bright = unsure): "
+                f"mean {float(umap.mean()):.2f}. Its uncertainty ({self.cfg.active.method}) shows once the trainer "
+                "has scored this image."
             )
         if image is None:
             image = self.store.read_image(int(image_id))

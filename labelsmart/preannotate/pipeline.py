@@ -10,8 +10,8 @@ engine in :mod:`labelsmart.preannotate.ray_engine`), so both write byte-identica
 
 :func:`run_local` runs them as a bounded pipeline: a pool of threads decodes ahead of inference and
 encodes/writes behind it (OpenCV, NumPy and ONNX Runtime release the GIL), so however many images there
-are, at most a few batches are in memory. :func:`plan` decides what to do (resume, stem collisions), and
-:func:`write_coco` turns the finished masks into one COCO JSON file with RLE masks.
+are, at most a few batches are in memory. :func:`plan` decides what to do (resume, stem collisions);
+:func:`labelsmart.preannotate.coco.write_coco` turns the finished masks into one COCO JSON file.
 """
 
 from __future__ import annotations
@@ -75,9 +75,11 @@ def load_item(root: Path, rel: Path, pp: PreprocessConfig) -> Item:
     return Item(rel, image=image, x=x, meta=meta)
 
 
-def uncertainty_score(confidence: np.ndarray) -> float:
-    """How unsure the model is of an image, in [0, 1]: the fraction of pixels whose winning class has a
-    probability below 0.5 (where no class holds the majority)."""
+def low_confidence_fraction(confidence: np.ndarray) -> float:
+    """The fraction of an image's pixels whose winning class has a probability below 0.5 (where no class holds
+    the majority), in [0, 1]: where to look first when checking a folder's pre-annotations. (Not the
+    uncertainty "Next" ranks by, the normalised entropy of :mod:`labelsmart.serving.active`: a manifest line
+    only has the winning class's probability.)"""
     return float(np.count_nonzero(confidence < 0.5)) / float(max(confidence.size, 1))
 
 
@@ -117,7 +119,7 @@ def write_outputs(
             "classes_present": [names[i] for i in range(len(names)) if counts[i]],
             "class_fractions": {names[i]: round(float(counts[i]) / n, 6) for i in range(len(names))},
             "mean_confidence": round(float(confidence.mean()), 6),
-            "uncertainty": round(uncertainty_score(confidence), 6),
+            "low_confidence_fraction": round(low_confidence_fraction(confidence), 6),
             "model_version": info.version,
             "height": int(mask.shape[0]),
             "width": int(mask.shape[1]),
@@ -403,88 +405,3 @@ def repair_jsonl(path: Path) -> None:
         chunk = fh.read()
         cut = chunk.rfind(b"\n")
         fh.truncate(tail + cut + 1 if cut >= 0 else 0)
-
-
-# ---------------------------------------------------------------------------------------------------- COCO
-
-
-def read_manifest(path: Path) -> Iterator[dict[str, Any]]:
-    """The records of a manifest, one per image (the last line of an image wins), in first-seen order.
-
-    Only the byte offset of each image's line is held in memory; the records are read again one at a time.
-    """
-    offsets: dict[str, int] = {}
-    with open(path, "rb") as fh:
-        pos = 0
-        for line in fh:
-            try:
-                offsets[json.loads(line)["image"]] = pos
-            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
-                pass
-            pos += len(line)
-        for off in offsets.values():
-            fh.seek(off)
-            yield json.loads(fh.readline())
-
-
-def write_coco(out: Path, coco_path: Path, class_names: Sequence[str]) -> tuple[int, int]:
-    """One COCO JSON file (``images``, ``annotations`` with RLE masks, ``categories``) for every image in the
-    manifest of ``out``, streamed to disk (one mask in memory at a time) and written atomically.
-
-    Each class present in an image is one annotation (``iscrowd`` 1, RLE ``segmentation`` from pycocotools,
-    ``area`` and ``bbox``); category ids are class id + 1 (COCO reserves 0).
-
-    Returns:
-        ``(images, annotations)`` written.
-    """
-    from pycocotools import mask as mask_utils
-
-    coco_path = Path(coco_path)
-    coco_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = coco_path.with_name(f".{coco_path.name}.{os.getpid()}.tmp")
-    n_images = n_anns = 0
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            categories = [{"id": i + 1, "name": n, "supercategory": "labelsmart"} for i, n in enumerate(class_names)]
-            fh.write('{"info": ' + json.dumps({"description": "labelsmart pre-annotations", "version": "1.0"}))
-            fh.write(', "categories": ' + json.dumps(categories) + ', "images": [')
-            manifest = out / MANIFEST_NAME
-            if not manifest.is_file():
-                raise FileNotFoundError(manifest)
-            for i, rec in enumerate(read_manifest(manifest)):
-                n_images += 1
-                entry = {
-                    "id": i + 1,
-                    "file_name": rec["image"],
-                    "height": rec["height"],
-                    "width": rec["width"],
-                    "model_version": rec.get("model_version"),
-                }
-                fh.write(("" if i == 0 else ", ") + json.dumps(entry))
-            fh.write('], "annotations": [')
-            for i, rec in enumerate(read_manifest(manifest)):
-                mask = imageio.read_mask(out / rec["mask"], shape=(rec["height"], rec["width"]))
-                for k in np.unique(mask):
-                    if int(k) >= len(class_names):
-                        continue
-                    rle = mask_utils.encode(np.asfortranarray(mask == k, dtype=np.uint8))
-                    ann = {
-                        "id": n_anns + 1,
-                        "image_id": i + 1,
-                        "category_id": int(k) + 1,
-                        "segmentation": {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode()},
-                        "area": int(mask_utils.area(rle)),
-                        "bbox": [round(float(v), 2) for v in mask_utils.toBbox(rle)],
-                        "iscrowd": 1,
-                    }
-                    fh.write(("" if n_anns == 0 else ", ") + json.dumps(ann))
-                    n_anns += 1
-            fh.write("]}\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, coco_path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return n_images, n_anns

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from labelsmart import imageio
-from labelsmart.preannotate import pipeline as batch
+from labelsmart.preannotate import pipeline
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def _read_batch(rows: dict[str, np.ndarray], images: str, pp: Any) -> dict[str, 
     """Ray Data step 1: decode and prepare each image of a batch of relative paths."""
     out: dict[str, list[Any]] = {k: [] for k in ("rel", "error", "image", "x", "meta")}
     for rel in rows["rel"]:
-        item = batch.load_item(Path(images), Path(str(rel)), pp)
+        item = pipeline.load_item(Path(images), Path(str(rel)), pp)
         out["rel"].append(str(rel))
         out["error"].append(item.error or "")
         out["image"].append(item.image if item.image is not None else np.zeros((1, 1, 3), np.uint8))
@@ -102,7 +102,7 @@ class _Infer:
                         logits.append(exc)
             for i, lg in zip(idx, logits, strict=True):
                 if isinstance(lg, Exception):
-                    errors[i] = batch.INFERENCE_FAILED.format(" ".join(str(lg).split()))
+                    errors[i] = pipeline.INFERENCE_FAILED.format(" ".join(str(lg).split()))
                     continue
                 masks[i], confs[i] = imageio.logits_to_mask(lg, _meta(rows["meta"][i]))
         return {
@@ -114,7 +114,7 @@ class _Infer:
         }
 
 
-def _write_batch(rows: dict[str, np.ndarray], out: str, info: batch.ModelInfo, overlays: bool) -> dict[str, Any]:
+def _write_batch(rows: dict[str, np.ndarray], out: str, info: pipeline.ModelInfo, overlays: bool) -> dict[str, Any]:
     """Ray Data step 3: write each image's files; returns its manifest record (as JSON) or its error."""
     import json
 
@@ -124,12 +124,12 @@ def _write_batch(rows: dict[str, np.ndarray], out: str, info: batch.ModelInfo, o
         record = ""
         if not error:
             try:
-                rec = batch.write_outputs(
+                rec = pipeline.write_outputs(
                     Path(out), Path(str(rel)), rows["image"][i], rows["mask"][i], rows["confidence"][i], info, overlays
                 )
                 record = json.dumps(rec)
             except OSError as exc:
-                error = batch.WRITE_FAILED.format(exc, out)
+                error = pipeline.WRITE_FAILED.format(exc, out)
         records.append(record)
         errors.append(error)
     return {"rel": rows["rel"], "record": _column(records), "error": _column(errors)}
@@ -140,7 +140,7 @@ def run_ray(
     images: Path,
     out: Path,
     todo: Sequence[Path],
-    on_outcome: Callable[[batch.Outcome], None],
+    on_outcome: Callable[[pipeline.Outcome], None],
     batch_size: int = 4,
     threads: int = 0,
     device: str = "auto",
@@ -173,7 +173,7 @@ def run_ray(
         started = True
     try:
         probe = OnnxModel(model_path, threads=1, device="cpu")
-        info = batch.ModelInfo.of(probe)
+        info = pipeline.ModelInfo.of(probe)
         resources = ray.cluster_resources()
         gpus = int(resources.get("GPU", 0)) if device != "cpu" else 0
         cpus = max(1, int(resources.get("CPU", os.cpu_count() or 1)))
@@ -217,9 +217,9 @@ def run_ray(
         for rows in ds.iter_batches(batch_format="numpy", batch_size=None):
             for rel, record, error in zip(rows["rel"], rows["record"], rows["error"], strict=True):
                 if error:
-                    on_outcome(batch.Outcome(Path(str(rel)), error=str(error)))
+                    on_outcome(pipeline.Outcome(Path(str(rel)), error=str(error)))
                 else:
-                    on_outcome(batch.Outcome(Path(str(rel)), record=json.loads(str(record))))
+                    on_outcome(pipeline.Outcome(Path(str(rel)), record=json.loads(str(record))))
     finally:
         if started:
             ray.shutdown()

@@ -14,7 +14,8 @@ from pycocotools import mask as mask_utils
 
 from labelsmart import imageio
 from labelsmart.cli import main
-from labelsmart.preannotate import pipeline as batch
+from labelsmart.preannotate import pipeline
+from labelsmart.preannotate.coco import read_manifest, write_coco
 from labelsmart.serving.onnx_model import OnnxModel
 
 
@@ -38,9 +39,9 @@ def model(tmp_path: Path) -> OnnxModel:
 
 class Recorder:
     def __init__(self) -> None:
-        self.outcomes: list[batch.Outcome] = []
+        self.outcomes: list[pipeline.Outcome] = []
 
-    def __call__(self, outcome: batch.Outcome) -> None:
+    def __call__(self, outcome: pipeline.Outcome) -> None:
         self.outcomes.append(outcome)
 
     @property
@@ -54,7 +55,7 @@ def test_pipeline_writes_what_predict_gives(model: OnnxModel, tmp_path: Path, ba
     rels = write_images(images, 11, [(48, 64), (40, 40), (48, 64), (30, 70)])  # three padded sizes
     out = tmp_path / "out"
     rec = Recorder()
-    batch.run_local(model, images, out, rels, rec, batch=batch_size, io_threads=io_threads)
+    pipeline.run_local(model, images, out, rels, rec, batch=batch_size, io_threads=io_threads)
     assert sorted(rec.records) == sorted(r.as_posix() for r in rels)
     assert all(o.error is None for o in rec.outcomes)
     for rel in rels:
@@ -66,7 +67,7 @@ def test_pipeline_writes_what_predict_gives(model: OnnxModel, tmp_path: Path, ba
         r = rec.records[rel.as_posix()]
         assert r["model_version"] == 7 and (r["height"], r["width"]) == img.shape[:2]
         assert abs(r["mean_confidence"] - pred.mean_confidence) < 1e-5
-        assert 0.0 <= r["uncertainty"] <= 1.0
+        assert 0.0 <= r["low_confidence_fraction"] <= 1.0
         assert abs(sum(r["class_fractions"].values()) - 1.0) < 1e-4
 
 
@@ -85,12 +86,12 @@ def test_pipeline_memory_stays_bounded(model: OnnxModel, tmp_path: Path) -> None
             worst = max(worst, pulled - done)
             yield rel
 
-    def on_outcome(outcome: batch.Outcome) -> None:
+    def on_outcome(outcome: pipeline.Outcome) -> None:
         nonlocal done
         assert outcome.error is None
         done += 1
 
-    batch.run_local(model, images, tmp_path / "out", paths(), on_outcome, batch=2, io_threads=2)
+    pipeline.run_local(model, images, tmp_path / "out", paths(), on_outcome, batch=2, io_threads=2)
     assert done == 40
     # read-ahead (3 x batch) + one partial batch per padded size + writes in flight (3 x batch) + slack
     assert worst <= 3 * 2 + 2 * 2 + 3 * 2 + 2, worst
@@ -121,7 +122,7 @@ def test_a_failing_image_fails_alone(model: OnnxModel, tmp_path: Path) -> None:
     (images / "b" / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
     rec = Recorder()
     flaky = FlakyModel(model)
-    batch.run_local(flaky, images, tmp_path / "out", [*rels, Path("b/broken.jpg")], rec, batch=3, io_threads=2)
+    pipeline.run_local(flaky, images, tmp_path / "out", [*rels, Path("b/broken.jpg")], rec, batch=3, io_threads=2)
     errors = {o.rel.as_posix(): o.error for o in rec.outcomes if o.error}
     assert set(errors) == {rels[2].as_posix(), "b/broken.jpg"}
     assert "inference failed (bad input)" in errors[rels[2].as_posix()]
@@ -136,11 +137,11 @@ def test_coco_round_trips_the_masks(model: OnnxModel, tmp_path: Path) -> None:
     rels = write_images(images, 5, [(48, 64), (40, 40)])
     out = tmp_path / "out"
     out.mkdir()
-    journal = batch.Journal(out, overwrite=False)
-    batch.run_local(model, images, out, rels, lambda o: journal.record(o.record), batch=2, overlays=False)
+    journal = pipeline.Journal(out, overwrite=False)
+    pipeline.run_local(model, images, out, rels, lambda o: journal.record(o.record), batch=2, overlays=False)
     journal.close()
     assert not list(out.rglob("*.jpg"))  # overlays off
-    n_img, n_ann = batch.write_coco(out, out / "coco.json", model.class_names)
+    n_img, n_ann = write_coco(out, out / "coco.json", model.class_names)
     coco = json.loads((out / "coco.json").read_text())
     assert n_img == 5 == len(coco["images"]) and n_ann == len(coco["annotations"]) > 5
     assert [c["name"] for c in coco["categories"]] == model.class_names
@@ -168,7 +169,7 @@ def test_manifest_last_line_wins_and_offsets(tmp_path: Path) -> None:
     path = tmp_path / "manifest.jsonl"
     lines = [{"image": "a", "v": 1}, {"image": "b", "v": 1}, {"image": "a", "v": 2}]
     path.write_text("".join(json.dumps(r) + "\n" for r in lines) + "not json\n")
-    assert list(batch.read_manifest(path)) == [{"image": "a", "v": 2}, {"image": "b", "v": 1}]
+    assert list(read_manifest(path)) == [{"image": "a", "v": 2}, {"image": "b", "v": 1}]
 
 
 def test_cli_preannotate_coco_and_resume(tmp_path: Path) -> None:
@@ -206,7 +207,7 @@ def test_postprocessing_in_the_graph_matches_the_host(tmp_path: Path) -> None:
     outs = {}
     for mode in ("host", "graph"):
         rec = Recorder()
-        batch.run_local(model, images, tmp_path / mode, rels, rec, batch=2, postprocess=mode)
+        pipeline.run_local(model, images, tmp_path / mode, rels, rec, batch=2, postprocess=mode)
         assert all(o.error is None for o in rec.outcomes) and len(rec.records) == 6
         outs[mode] = rec.records
     for rel in rels:
@@ -220,5 +221,5 @@ def test_postprocessing_in_the_graph_matches_the_host(tmp_path: Path) -> None:
         written = imageio.read_mask(tmp_path / "graph" / rel.with_suffix(".png"))
         np.testing.assert_array_equal(written, mask[0])
         assert outs["graph"][rel.as_posix()]["classes_present"] == outs["host"][rel.as_posix()]["classes_present"]
-    assert batch.choose_postprocess("auto", ["CUDAExecutionProvider", "CPUExecutionProvider"]) == "graph"
-    assert batch.choose_postprocess("auto", ["CPUExecutionProvider"]) == "host"
+    assert pipeline.choose_postprocess("auto", ["CUDAExecutionProvider", "CPUExecutionProvider"]) == "graph"
+    assert pipeline.choose_postprocess("auto", ["CPUExecutionProvider"]) == "host"
