@@ -343,6 +343,51 @@ class _Training:
     confident: list[float] = field(default_factory=list)  # share of unlabelled pixels made pseudo-labels, per step
 
 
+def _prepare(cfg: Config, data: RoundData, device: torch.device, init_checkpoint: Path | None) -> _Training:
+    """The data loaders, class weights, network (warm-started if it fits), optimiser and step context.
+
+    The loaders come before the network: they draw their seeds from torch's generator first.
+    """
+    tc = cfg.train
+    cuda = device.type == "cuda"
+    num_classes = len(data.classes)
+    dataset = LabelledSet(data.train, cfg)
+    batches, unlabelled = _loaders(cfg, data, dataset, cuda)
+    ce_weight: Tensor | None = None
+    if tc.class_balance > 0:
+        ce_weight = torch.from_numpy(class_weights(dataset.class_counts(num_classes), tc.class_balance)).to(device)
+        log.info("class-balanced cross-entropy: weights %s", [round(float(w), 2) for w in ce_weight.cpu()])
+    memory_format = torch.channels_last if cuda else torch.contiguous_format
+    model = build_model(cfg.model, num_classes)
+    if init_checkpoint is not None and Path(init_checkpoint).is_file():
+        warm_start(model, Path(init_checkpoint))
+    model.to(device, memory_format=memory_format).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+    ctx = StepContext(model, tc, device, torch.Generator().manual_seed(tc.seed), memory_format, autocast, ce_weight)
+    return _Training(ctx, optimizer, batches, unlabelled)
+
+
+def _round_metrics(data: RoundData, budget: Budget, training: _Training, val: dict[str, Any]) -> dict[str, Any]:
+    """What a round records: losses, validation, images, steps per stage, class weights, pseudo-label use."""
+    metrics = {
+        "train_loss": _tail_mean(budget.losses[FINETUNE]),
+        "contrastive_loss": _tail_mean(budget.losses[PRETRAIN]),
+        **val,
+        "val_images": len(data.val),
+        "train_images": len(data.train),
+        "pretrain_steps": budget.done[PRETRAIN],
+        "finetune_steps": budget.done[FINETUNE],
+    }
+    ce_weight = training.ctx.ce_weight
+    if ce_weight is not None:
+        metrics["class_weights"] = [round(float(w), 4) for w in ce_weight.cpu()]
+    if training.ctx.tc.pseudo_weight > 0:
+        metrics["pseudo_steps"] = len(training.confident)
+        metrics["pseudo_confident_share"] = _tail_mean(training.confident)
+    return metrics
+
+
 def _loaders(
     cfg: Config, data: RoundData, dataset: LabelledSet, cuda: bool
 ) -> tuple[Iterator[dict[str, Tensor]], Iterator[dict[str, Tensor]] | None]:
@@ -461,28 +506,11 @@ def run_round(
     device = resolve_device(tc.device)
     torch.set_num_threads(tc.threads or os.cpu_count() or 1)
     torch.manual_seed(tc.seed)
-    cuda = device.type == "cuda"
     num_classes = len(data.classes)
     log.info("round v%d: %d training, %d validation images, device %s", version, len(data.train), len(data.val), device)
 
-    # data (before the model: the loaders draw their seeds from torch's generator first)
-    dataset = LabelledSet(data.train, cfg)
-    batches, unlabelled = _loaders(cfg, data, dataset, cuda)
-    ce_weight: Tensor | None = None
-    if tc.class_balance > 0:
-        ce_weight = torch.from_numpy(class_weights(dataset.class_counts(num_classes), tc.class_balance)).to(device)
-        log.info("class-balanced cross-entropy: weights %s", [round(float(w), 2) for w in ce_weight.cpu()])
-
-    # model
-    memory_format = torch.channels_last if cuda else torch.contiguous_format
-    model = build_model(cfg.model, num_classes)
-    if init_checkpoint is not None and Path(init_checkpoint).is_file():
-        warm_start(model, Path(init_checkpoint))
-    model.to(device, memory_format=memory_format).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
-    ctx = StepContext(model, tc, device, torch.Generator().manual_seed(tc.seed), memory_format, autocast, ce_weight)
-    training = _Training(ctx, optimizer, batches, unlabelled)
+    training = _prepare(cfg, data, device, init_checkpoint)
+    model = training.ctx.model
 
     # budget, stages
     val_work = sum(math.prod(imageio.working_size(*img.shape[:2], cfg.preprocess.max_side)) for img, _ in data.val)
@@ -502,20 +530,7 @@ def run_round(
         val = validate(model, data.val, cfg, num_classes, device)
         log.info("validation: mIoU %.3f on %d images in %.1f s", val["val_miou"], len(data.val), time.monotonic() - t0)
 
-    metrics = {
-        "train_loss": _tail_mean(budget.losses[FINETUNE]),
-        "contrastive_loss": _tail_mean(budget.losses[PRETRAIN]),
-        **val,
-        "val_images": len(data.val),
-        "train_images": len(data.train),
-        "pretrain_steps": budget.done[PRETRAIN],
-        "finetune_steps": budget.done[FINETUNE],
-    }
-    if ce_weight is not None:
-        metrics["class_weights"] = [round(float(w), 4) for w in ce_weight.cpu()]
-    if tc.pseudo_weight > 0:
-        metrics["pseudo_steps"] = len(training.confident)
-        metrics["pseudo_confident_share"] = _tail_mean(training.confident)
+    metrics = _round_metrics(data, budget, training, val)
     seconds = time.monotonic() - t_start
     log.info("round v%d done: %d steps in %.1f s on %s", version, budget.steps_done, seconds, device)
     classes = [
