@@ -15,9 +15,12 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO, TypeAlias
 
 from labelsmart import config, imageio
+
+if TYPE_CHECKING:
+    from labelsmart.preannotate.pipeline import Journal, Outcome
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +31,9 @@ EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
 
+SubParsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 # Adds subcommands to the parser's subparsers (``bench`` comes this way, from labelsmart/bench/cli.py).
-CommandGroup = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]
+CommandGroup = Callable[[SubParsers], None]
 
 
 class CliError(ValueError):
@@ -212,20 +216,64 @@ def cmd_export(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------- preannotate
 
 
-def cmd_preannotate(args: argparse.Namespace) -> int:
-    """Pre-annotate a folder of images with an ONNX model: index masks, overlays, a manifest, optionally COCO.
+class PreannotateProgress:
+    """A pre-annotation run's bookkeeping: the journal (manifest, errors), a tqdm bar and the counts.
 
-    Decoding, inference and writing overlap (see :mod:`labelsmart.preannotate.pipeline`); ``--engine ray`` runs
-    the same work on a Ray cluster (see :mod:`labelsmart.preannotate.ray_engine`). Images done by an earlier run
-    are skipped.
+    ``on_outcome`` takes the engine's result per image; ``todo`` streams the images to do, counting those
+    done by an earlier run and failing those that cannot be done.
     """
-    from tqdm import tqdm
 
-    from labelsmart.preannotate import coco, pipeline
-    from labelsmart.serving.onnx_model import OnnxModel
+    def __init__(self, journal: Journal, total: int) -> None:
+        from tqdm import tqdm
 
-    images = Path(args.images)
-    out = Path(args.out)
+        self.journal = journal
+        self.counts = {"done": 0, "skipped": 0, "failed": 0}
+        self.bar = tqdm(
+            total=total, unit="img", desc="pre-annotating", file=sys.stderr, dynamic_ncols=True, mininterval=0.5
+        )
+        self.t0 = time.perf_counter()
+
+    def fail(self, rel: Path, message: str) -> None:
+        """Count a failed image, say so above the bar and list it in ``errors.jsonl``."""
+        self.counts["failed"] += 1
+        self.bar.write(f"skipped {rel.as_posix()}: {message}", file=sys.stderr)
+        self.journal.error(rel, message)
+
+    def on_outcome(self, outcome: Outcome) -> None:
+        """One image finished: its manifest line (written only after its files landed), or its error."""
+        if outcome.error is not None:
+            self.fail(outcome.rel, outcome.error)
+        else:
+            assert outcome.record is not None
+            self.journal.record(outcome.record)
+            self.counts["done"] += 1
+        self.bar.update(1)
+        if self.counts["done"]:
+            rate = self.counts["done"] / (time.perf_counter() - self.t0)
+            self.bar.set_postfix({"img/s": f"{rate:.1f}"}, refresh=False)
+
+    def todo(self, images: Path, out: Path, overwrite: bool) -> Iterator[Path]:
+        """The images to do, in listing order (see :func:`labelsmart.preannotate.pipeline.plan`)."""
+        from labelsmart.preannotate import pipeline
+
+        for planned in pipeline.plan(images, out, overwrite, self.journal.done_before):
+            if planned.action == "do":
+                yield planned.rel
+                continue
+            if planned.action == "skip":
+                self.counts["skipped"] += 1
+            else:
+                self.fail(planned.rel, planned.message)
+            self.bar.update(1)
+
+    def close(self) -> None:
+        """Make the journal durable and close the bar."""
+        self.journal.close()
+        self.bar.close()
+
+
+def _check_preannotate_args(args: argparse.Namespace) -> None:
+    images, out = Path(args.images), Path(args.out)
     if not images.is_dir():
         raise CliError(f"{images}: not a folder; pass --images a folder of images.")
     if out.resolve() == images.resolve():
@@ -236,9 +284,22 @@ def cmd_preannotate(args: argparse.Namespace) -> int:
         raise CliError(f"--io-threads {args.io_threads}: give 1 or more.")
     if args.address and args.engine != "ray":
         raise CliError("--address is the Ray cluster to use; add --engine ray.")
+
+
+def cmd_preannotate(args: argparse.Namespace) -> int:
+    """Pre-annotate a folder of images with an ONNX model: index masks, overlays, a manifest, optionally COCO.
+
+    Decoding, inference and writing overlap (see :mod:`labelsmart.preannotate.pipeline`); ``--engine ray`` runs
+    the same work on a Ray cluster (see :mod:`labelsmart.preannotate.ray_engine`). Images done by an earlier run
+    are skipped.
+    """
+    from labelsmart.preannotate import coco, pipeline
+    from labelsmart.serving.onnx_model import OnnxModel
+
+    _check_preannotate_args(args)
+    images, out = Path(args.images), Path(args.out)
     model = OnnxModel(Path(args.model), threads=args.threads or None, device=args.device)
     out.mkdir(parents=True, exist_ok=True)
-    journal = pipeline.Journal(out, args.overwrite)
     total = sum(1 for _ in pipeline.walk_inputs(images, out))
     log.info(
         "pre-annotating %d images from %s into %s with model v%d on %s (%s engine)",
@@ -249,38 +310,9 @@ def cmd_preannotate(args: argparse.Namespace) -> int:
         ", ".join(model.providers),
         args.engine,
     )
-    counts = {"done": 0, "skipped": 0, "failed": 0}
-    bar = tqdm(total=total, unit="img", desc="pre-annotating", file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
-    t0 = time.perf_counter()
-
-    def fail(rel: Path, message: str) -> None:
-        counts["failed"] += 1
-        tqdm.write(f"skipped {rel.as_posix()}: {message}", file=sys.stderr)
-        journal.error(rel, message)
-
-    def on_outcome(outcome: pipeline.Outcome) -> None:
-        if outcome.error is not None:
-            fail(outcome.rel, outcome.error)
-        else:
-            assert outcome.record is not None
-            journal.record(outcome.record)  # only after its files landed
-            counts["done"] += 1
-        bar.update(1)
-        if counts["done"]:
-            bar.set_postfix({"img/s": f"{counts['done'] / (time.perf_counter() - t0):.1f}"}, refresh=False)
-
-    def todo() -> Iterator[Path]:
-        for planned in pipeline.plan(images, out, args.overwrite, journal.done_before):
-            if planned.action == "do":
-                yield planned.rel
-            else:
-                if planned.action == "skip":
-                    counts["skipped"] += 1
-                else:
-                    fail(planned.rel, planned.message)
-                bar.update(1)
-
+    run = PreannotateProgress(pipeline.Journal(out, args.overwrite), total)
     try:
+        todo = run.todo(images, out, args.overwrite)
         if args.engine == "ray":
             from labelsmart.preannotate import ray_engine
 
@@ -288,8 +320,8 @@ def cmd_preannotate(args: argparse.Namespace) -> int:
                 Path(args.model),
                 images,
                 out,
-                list(todo()),
-                on_outcome,
+                list(todo),
+                run.on_outcome,
                 batch_size=args.batch,
                 threads=args.threads,
                 device=args.device,
@@ -301,17 +333,17 @@ def cmd_preannotate(args: argparse.Namespace) -> int:
                 model,
                 images,
                 out,
-                todo(),
-                on_outcome,
+                todo,
+                run.on_outcome,
                 batch=args.batch,
                 io_threads=args.io_threads,
                 overlays=args.overlays,
                 postprocess=pipeline.choose_postprocess(args.postprocess, model.providers),
             )
     finally:
-        journal.close()
-        bar.close()
-    seconds = time.perf_counter() - t0
+        run.close()
+    seconds = time.perf_counter() - run.t0
+    counts = run.counts
     rate = counts["done"] / seconds if counts["done"] and seconds > 0 else 0.0
     if args.coco is not None:
         coco_path = Path(args.coco) if args.coco else out / "coco.json"
@@ -320,7 +352,7 @@ def cmd_preannotate(args: argparse.Namespace) -> int:
     print(f"{counts['done']} images in {seconds:.1f} s ({rate:.2f} images/s)", file=sys.stderr)
     print(f"done={counts['done']} skipped={counts['skipped']} failed={counts['failed']}")
     if counts["failed"]:
-        print(f"failed images are listed in {journal.errors_path}", file=sys.stderr)
+        print(f"failed images are listed in {run.journal.errors_path}", file=sys.stderr)
     return EXIT_FAILED if counts["failed"] else EXIT_OK
 
 
@@ -379,12 +411,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------------ parser
 
 
-def build_parser(command_groups: Sequence[CommandGroup] = ()) -> argparse.ArgumentParser:
-    """The argument parser with the product's subcommands and those ``command_groups`` add."""
-    p = argparse.ArgumentParser(prog="python -m labelsmart", description=DESCRIPTION)
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def _add_train(sub: SubParsers) -> None:
+    """``train``: one training round, headless."""
     t = sub.add_parser("train", help="one training round on a project, headless")
     t.add_argument("--dataset", required=True, help="folder of images (or images/ + masks/ + classes.json)")
     t.add_argument("--workdir", help="project state folder (default DIR/.labelsmart)")
@@ -400,6 +428,9 @@ def build_parser(command_groups: Sequence[CommandGroup] = ()) -> argparse.Argume
     t.add_argument("--threads", type=int, help="CPU threads for training (0 = all cores)")
     t.set_defaults(func=cmd_train)
 
+
+def _add_export(sub: SubParsers) -> None:
+    """``export``: ONNX export of the newest published model or of a checkpoint."""
     e = sub.add_parser("export", help="ONNX export (with sidecar JSON) of the newest model or a checkpoint")
     src = e.add_mutually_exclusive_group(required=True)
     src.add_argument("--dataset", help="project whose newest published model to export")
@@ -409,6 +440,9 @@ def build_parser(command_groups: Sequence[CommandGroup] = ()) -> argparse.Argume
     e.add_argument("--out", help="output .onnx path (default exports/<project>-vNNNN.onnx)")
     e.set_defaults(func=cmd_export)
 
+
+def _add_preannotate(sub: SubParsers) -> None:
+    """``preannotate``: a folder of images through an ONNX model."""
     a = sub.add_parser("preannotate", help="pre-annotate a folder of images with an ONNX model (resumable)")
     a.add_argument("--model", required=True, help="exported .onnx file (its sidecar .json beside it)")
     a.add_argument("--images", required=True, help="folder of images (nested folders included)")
@@ -448,6 +482,9 @@ def build_parser(command_groups: Sequence[CommandGroup] = ()) -> argparse.Argume
     )
     a.set_defaults(func=cmd_preannotate)
 
+
+def _add_evaluate(sub: SubParsers) -> None:
+    """``evaluate``: mIoU of an ONNX model on a split of a data folder."""
     v = sub.add_parser("evaluate", help="mIoU of an ONNX model on a labelled split")
     v.add_argument("--model", required=True, help="exported .onnx file")
     v.add_argument("--dataset", required=True, help="folder with images/, masks/, splits.json, classes.json")
@@ -457,7 +494,13 @@ def build_parser(command_groups: Sequence[CommandGroup] = ()) -> argparse.Argume
     v.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="inference device")
     v.set_defaults(func=cmd_evaluate)
 
-    for register in command_groups:
+
+def build_parser(command_groups: Sequence[CommandGroup] = ()) -> argparse.ArgumentParser:
+    """The argument parser with the product's subcommands and those ``command_groups`` add."""
+    p = argparse.ArgumentParser(prog="python -m labelsmart", description=DESCRIPTION)
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for register in (_add_train, _add_export, _add_preannotate, _add_evaluate, *command_groups):
         register(sub)
     return p
 

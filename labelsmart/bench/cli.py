@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from labelsmart import cli
-from labelsmart.cli import EXIT_OK, CliError
+from labelsmart.cli import EXIT_OK, CliError, SubParsers
 
 
 def _parse_batches(text: str) -> list[int]:
@@ -231,7 +231,7 @@ def _parse_settings(items: Sequence[str] | None, example: str) -> dict[str, str]
     return overrides
 
 
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def register(sub: SubParsers) -> None:
     """Add ``bench`` and its benchmarks to the subparsers of the product's parser."""
 
     b = sub.add_parser("bench", help="benchmarks")
