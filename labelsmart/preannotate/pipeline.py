@@ -243,86 +243,108 @@ def run_local(
     """
     if postprocess not in ("host", "graph"):
         raise ValueError(f"postprocess {postprocess!r}: use host or graph.")
-    info = ModelInfo.of(model)
-    pp = model.pp
-    lookahead = max(3 * batch, 2 * io_threads)
-    max_writes = max(3 * batch, 2 * io_threads)
-    reads: deque[Future[Item]] = deque()
-    writes: deque[tuple[Path, Future[dict[str, Any]]]] = deque()
-    groups: dict[tuple[Any, ...], list[Item]] = {}
-    paths = iter(todo)
     cv2.setNumThreads(1)  # the pipeline's threads are the parallelism; OpenCV's own pool would oversubscribe
+    with ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="preannotate-io") as pool:
+        _LocalPipeline(model, images, out, on_outcome, pool, batch, io_threads, overlays, postprocess).run(todo)
 
-    def finish_write(rel: Path, fut: Future[dict[str, Any]]) -> None:
+
+class _LocalPipeline:
+    """The state of one :func:`run_local` run: reads ahead, inputs waiting for a full batch, writes behind."""
+
+    def __init__(
+        self,
+        model: OnnxModel,
+        images: Path,
+        out: Path,
+        on_outcome: Callable[[Outcome], None],
+        pool: ThreadPoolExecutor,
+        batch: int,
+        io_threads: int,
+        overlays: bool,
+        postprocess: str,
+    ) -> None:
+        self.model, self.images, self.out, self.on_outcome, self.pool = model, images, out, on_outcome, pool
+        self.batch, self.overlays, self.graph = batch, overlays, postprocess == "graph"
+        self.info = ModelInfo.of(model)
+        self.lookahead = max(3 * batch, 2 * io_threads)
+        self.max_writes = max(3 * batch, 2 * io_threads)
+        self.reads: deque[Future[Item]] = deque()
+        self.writes: deque[tuple[Path, Future[dict[str, Any]]]] = deque()
+        self.groups: dict[Any, list[Item]] = {}  # inputs waiting for a full batch, by what a batch shares
+
+    def run(self, todo: Iterable[Path]) -> None:
+        """Decode ahead, infer full batches as they form (then the rest), and finish every write."""
+        paths = iter(todo)
+        self._fill(paths)
+        while self.reads:
+            item = self.reads.popleft().result()
+            self._fill(paths)
+            if item.error is not None:
+                self.on_outcome(Outcome(item.rel, error=item.error))
+                continue
+            assert item.meta is not None
+            key = item.meta if self.graph else item.meta.pad_hw
+            group = self.groups.setdefault(key, [])
+            group.append(item)
+            if len(group) >= self.batch:
+                self._infer(self.groups.pop(key))
+            self._drain(self.max_writes)
+        for key in list(self.groups):
+            self._infer(self.groups.pop(key))
+        self._drain(0)
+
+    def _fill(self, paths: Iterator[Path]) -> None:
+        while len(self.reads) < self.lookahead:
+            rel = next(paths, None)
+            if rel is None:
+                return
+            self.reads.append(self.pool.submit(load_item, self.images, rel, self.model.pp))
+
+    def _finish_write(self, rel: Path, fut: Future[dict[str, Any]]) -> None:
         try:
             record = fut.result()
         except OSError as exc:
-            on_outcome(Outcome(rel, error=WRITE_FAILED.format(exc, out)))
+            self.on_outcome(Outcome(rel, error=WRITE_FAILED.format(exc, self.out)))
         except Exception as exc:  # noqa: BLE001 - one image's bad output must not stop the run
-            on_outcome(Outcome(rel, error=INFERENCE_FAILED.format(" ".join(str(exc).split()))))
+            self.on_outcome(Outcome(rel, error=INFERENCE_FAILED.format(" ".join(str(exc).split()))))
         else:
-            on_outcome(Outcome(rel, record=record))
+            self.on_outcome(Outcome(rel, record=record))
 
-    def drain(limit: int) -> None:
-        while len(writes) > limit or (writes and writes[0][1].done()):
-            finish_write(*writes.popleft())
+    def _drain(self, limit: int) -> None:
+        while len(self.writes) > limit or (self.writes and self.writes[0][1].done()):
+            self._finish_write(*self.writes.popleft())
 
-    def run(x: np.ndarray, meta: imageio.Meta) -> list[Any]:
-        if postprocess == "graph":
-            masks, confs = model.masks(x, meta)
+    def _run_model(self, x: np.ndarray, meta: imageio.Meta) -> list[Any]:
+        if self.graph:
+            masks, confs = self.model.masks(x, meta)
             return list(zip(masks, confs, strict=True))
-        return list(model.logits(x))
+        return list(self.model.logits(x))
 
-    def infer(items: list[Item]) -> None:
+    def _infer(self, items: list[Item]) -> None:
         meta = items[0].meta
         assert meta is not None
         try:
-            results: list[Any] = run(np.stack([it.x for it in items]), meta)
+            results: list[Any] = self._run_model(np.stack([it.x for it in items]), meta)
         except Exception:  # noqa: BLE001 - find the image that breaks the batch, keep the others
             results = []
             for it in items:
                 try:
-                    results.append(run(it.x[None], meta)[0])
+                    results.append(self._run_model(it.x[None], meta)[0])
                 except Exception as exc:  # noqa: BLE001
                     results.append(exc)
         for it, res in zip(items, results, strict=True):
             if isinstance(res, Exception):
-                on_outcome(Outcome(it.rel, error=INFERENCE_FAILED.format(" ".join(str(res).split()))))
+                self.on_outcome(Outcome(it.rel, error=INFERENCE_FAILED.format(" ".join(str(res).split()))))
                 continue
-            if postprocess == "graph":
+            if self.graph:
                 assert it.image is not None
-                job = pool.submit(write_outputs, out, it.rel, it.image, res[0], res[1], info, overlays)
+                job = self.pool.submit(
+                    write_outputs, self.out, it.rel, it.image, res[0], res[1], self.info, self.overlays
+                )
             else:
-                job = pool.submit(finish_item, out, it, res, info, overlays)
-            writes.append((it.rel, job))
-        drain(max_writes)
-
-    with ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="preannotate-io") as pool:
-
-        def fill() -> None:
-            while len(reads) < lookahead:
-                rel = next(paths, None)
-                if rel is None:
-                    return
-                reads.append(pool.submit(load_item, images, rel, pp))
-
-        fill()
-        while reads:
-            item = reads.popleft().result()
-            fill()
-            if item.error is not None:
-                on_outcome(Outcome(item.rel, error=item.error))
-                continue
-            assert item.meta is not None
-            key = item.meta if postprocess == "graph" else item.meta.pad_hw
-            group = groups.setdefault(key, [])
-            group.append(item)
-            if len(group) >= batch:
-                infer(groups.pop(key))
-            drain(max_writes)
-        for shape in list(groups):
-            infer(groups.pop(shape))
-        drain(0)
+                job = self.pool.submit(finish_item, self.out, it, res, self.info, self.overlays)
+            self.writes.append((it.rel, job))
+        self._drain(self.max_writes)
 
 
 def choose_postprocess(choice: str, providers: Sequence[str]) -> str:

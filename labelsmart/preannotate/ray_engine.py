@@ -135,6 +135,22 @@ def _write_batch(rows: dict[str, np.ndarray], out: str, info: pipeline.ModelInfo
     return {"rel": rows["rel"], "record": _column(records), "error": _column(errors)}
 
 
+def _actor_plan(resources: dict[str, float], device: str, threads: int) -> tuple[int, int, dict[str, int], int, int]:
+    """How the inference step runs on a cluster with ``resources``: one actor per GPU, else one per two CPUs
+    (with ``threads`` ONNX Runtime threads each, 1 by default).
+
+    Returns:
+        ``(cpus, gpus, resources per actor, actors, ONNX Runtime threads per actor)``.
+    """
+    gpus = int(resources.get("GPU", 0)) if device != "cpu" else 0
+    cpus = max(1, int(resources.get("CPU", os.cpu_count() or 1)))
+    ort_threads = threads or 1
+    if gpus:
+        return cpus, gpus, {"num_gpus": 1, "num_cpus": 1}, gpus, ort_threads
+    per_actor = max(1, (cpus // 2) // ort_threads) if cpus > 1 else 1
+    return cpus, gpus, {"num_cpus": ort_threads}, per_actor, ort_threads
+
+
 def run_ray(
     model_path: Path,
     images: Path,
@@ -174,16 +190,7 @@ def run_ray(
     try:
         probe = OnnxModel(model_path, threads=1, device="cpu")
         info = pipeline.ModelInfo.of(probe)
-        resources = ray.cluster_resources()
-        gpus = int(resources.get("GPU", 0)) if device != "cpu" else 0
-        cpus = max(1, int(resources.get("CPU", os.cpu_count() or 1)))
-        if gpus:
-            actors, per_actor = {"num_gpus": 1, "num_cpus": 1}, gpus
-            ort_threads = threads or 1
-        else:
-            ort_threads = threads or 1
-            per_actor = max(1, (cpus // 2) // ort_threads) if cpus > 1 else 1
-            actors = {"num_cpus": ort_threads}
+        cpus, gpus, actors, per_actor, ort_threads = _actor_plan(ray.cluster_resources(), device, threads)
         log.info(
             "ray: %d CPUs, %d GPUs; %d inference actors (%s), %d image(s) per batch",
             cpus,
