@@ -42,26 +42,6 @@ CREATE TABLE IF NOT EXISTS scores (
 CREATE TABLE IF NOT EXISTS thumbnails (image_id INTEGER PRIMARY KEY, vector BLOB NOT NULL);
 """
 
-# Distinct, readable default colours for classes created without one (tab10-like, then more).
-DEFAULT_COLORS: list[tuple[int, int, int]] = [
-    (31, 119, 180),
-    (255, 127, 14),
-    (44, 160, 44),
-    (214, 39, 40),
-    (148, 103, 189),
-    (140, 86, 75),
-    (227, 119, 194),
-    (127, 127, 127),
-    (188, 189, 34),
-    (23, 190, 207),
-    (255, 215, 0),
-    (0, 128, 128),
-    (128, 0, 128),
-    (0, 0, 255),
-    (255, 0, 0),
-    (0, 255, 0),
-]
-
 
 class StoreError(ValueError):
     """A request the store refuses, with a sentence a user can act on."""
