@@ -193,6 +193,7 @@ def cmd_export(args: argparse.Namespace) -> int:
                 "`python -m labelsmart train --dataset DIR` first."
             )
         store = Store(cfg.db_path, image_root=cfg.image_root)
+        store.resolve_model_paths(cfg.project_models_dir)
         row = store.latest_published()
         if row is None:
             raise CliError(f"{cfg.dataset}: the project has no published model yet; train one first.")

@@ -130,7 +130,7 @@ class Config:
     dataset: Path | None = None  # folder of images (read-only)
     image_root: Path | None = None  # where images are listed from (dataset or dataset/images)
     workdir: Path | None = None  # project state: SQLite store, prediction cache
-    models_dir: Path = Path("models")  # model registry: models/<project>/vNNNN/
+    models_dir: Path = Path("models")  # model registry: models/<project>/vNNNN/ (load() makes it absolute)
     exports_dir: Path = Path("exports")
     project: str = "project"
     classes_file: Path | None = None
@@ -299,6 +299,9 @@ def load(args: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = 
 
     built = {name: dataclasses.replace(getattr(defaults, name), **vals) for name, vals in sections.items()}
     cfg = dataclasses.replace(defaults, **top, **built)
+    # The registry records where each version's files are; an absolute folder keeps them found when the project
+    # is opened from another working directory (a relative "models" would be read against each one in turn).
+    cfg = dataclasses.replace(cfg, models_dir=Path(cfg.models_dir).expanduser().resolve())
 
     dataset = cfg.dataset
     if dataset is not None:

@@ -32,6 +32,8 @@ def open_project(cfg: Config) -> Store:
     except OSError as exc:
         raise ProjectError(f"{cfg.workdir}: cannot create the project folder ({exc}); pass --workdir DIR.") from exc
     store = Store(cfg.db_path, image_root=cfg.image_root)
+    if store.resolve_model_paths(cfg.project_models_dir):
+        log.info("model registry: relative version folders recorded as absolute paths")
     added = store.sync_images(cfg.image_root)
     n = len(store.images())
     if n == 0:

@@ -497,3 +497,24 @@ def test_train_export_preannotate_evaluate(
         and report["images"] == 4
         and set(report["per_class_iou"]) == {"sky", "road", "car"}
     )
+
+
+def test_a_project_finds_its_models_from_any_working_folder(
+    tiny_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``train`` with the default (relative) models folder in one place, ``export --dataset`` in another."""
+    pytest.importorskip("torch")
+    for key, value in {"TRAIN_CROP": "64", "TRAIN_BATCH_SIZE": "2", "PREPROCESS_MAX_SIDE": "128"}.items():
+        monkeypatch.setenv(f"LABELSMART_{key}", value)
+    project = ["--dataset", str(tiny_dataset), "--workdir", str(tmp_path / "work")]
+    here, elsewhere = tmp_path / "here", tmp_path / "elsewhere"
+    here.mkdir()
+    elsewhere.mkdir()
+    monkeypatch.chdir(here)
+    train = ["train", *project, "--import-masks", str(tiny_dataset / "masks"), "--steps", "2", "--threads", "1"]
+    assert main([*train, "--device", "cpu"]) == 0
+    assert list((here / "models").glob("*/v0001/model.pt"))
+    capsys.readouterr()
+    monkeypatch.chdir(elsewhere)
+    assert main(["export", *project, "--out", str(tmp_path / "x.onnx")]) == 0, capsys.readouterr().err
+    assert (tmp_path / "x.onnx").is_file() and not (elsewhere / "models").exists()

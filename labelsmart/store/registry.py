@@ -129,6 +129,28 @@ class Registry(Database):
         )
         return [ModelRow(r[0], r[1], r[2], json.loads(r[3]), *r[4:]) for r in rows]
 
+    def resolve_model_paths(self, project_models_dir: Path) -> int:
+        """Make relative version folders absolute, in one transaction; returns how many rows changed.
+
+        Registries written before folders were recorded absolute hold ``models/<project>/vNNNN``, read against
+        whatever folder a command was started from. Each such row gets the first of these that exists: the
+        path against the current folder, then the version's folder in ``project_models_dir``. Rows whose files
+        are nowhere keep their path (they stay unserved, as before).
+        """
+        changed = 0
+        with self.transaction() as con:
+            for version, path in con.execute("SELECT version, path FROM models").fetchall():
+                folder = Path(path)
+                if folder.is_absolute():
+                    continue
+                found = next(
+                    (c for c in (folder.resolve(), Path(project_models_dir) / folder.name) if c.is_dir()), None
+                )
+                if found is not None:
+                    con.execute("UPDATE models SET path=? WHERE version=?", (str(found), version))
+                    changed += 1
+        return changed
+
     def latest_published(self) -> ModelRow | None:
         """The newest published version, or None."""
         pub = [m for m in self.models() if m.status == "published"]

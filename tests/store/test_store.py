@@ -134,3 +134,23 @@ def test_two_processes_saving_at_once_lose_nothing(tiny_cfg):
     hist = store.history(image_id)
     assert len(hist) == 30
     assert sorted({h.author for h in hist}) == ["w0", "w1"]
+
+
+def test_relative_version_folders_of_an_older_registry_become_absolute(tiny_cfg, tmp_path: Path, monkeypatch):
+    from labelsmart.store import Snapshot
+
+    store = open_project(tiny_cfg)
+    started_in = tmp_path / "started_in"
+    (started_in / "models" / "p" / "v0001").mkdir(parents=True)
+    monkeypatch.chdir(started_in)
+    store.add_model(1, Path("models/p/v0001"), Snapshot(0, (), 0), status="published")  # as older versions wrote it
+    store.add_model(2, Path("models/p/v0002"), Snapshot(0, (), 0), status="published")  # its files are elsewhere
+    store.add_model(3, Path("models/p/v0003"), Snapshot(0, (), 0), status="published")  # and nowhere
+    (tiny_cfg.project_models_dir / "v0002").mkdir(parents=True)
+    assert store.resolve_model_paths(tiny_cfg.project_models_dir) == 2
+    monkeypatch.chdir(tmp_path)  # opened from another folder: the rows no longer depend on it
+    rows = {m.version: m for m in store.models()}
+    assert rows[1].folder == started_in / "models" / "p" / "v0001"
+    assert rows[2].folder == tiny_cfg.project_models_dir / "v0002"
+    assert rows[3].path == "models/p/v0003"
+    assert store.resolve_model_paths(tiny_cfg.project_models_dir) == 0  # once is enough
