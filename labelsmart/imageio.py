@@ -6,6 +6,7 @@ pixels everywhere. Nothing here imports torch.
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -18,6 +19,7 @@ import numpy as np
 from labelsmart.config import IGNORE_INDEX, IMAGE_EXTENSIONS, PreprocessConfig
 
 cv2.setNumThreads(1)
+EXIF_EXTENSIONS = (".jpg", ".jpeg", ".tif", ".tiff", ".webp")  # the formats whose orientation is read
 
 
 class ImageError(ValueError):
@@ -63,8 +65,49 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+# EXIF orientation -> how to turn the stored pixels upright (Pillow's ImageOps.exif_transpose, on arrays).
+_UPRIGHT = {
+    2: lambda a: a[:, ::-1],  # mirrored left-right
+    3: lambda a: a[::-1, ::-1],  # upside down
+    4: lambda a: a[::-1, :],  # mirrored top-bottom
+    5: lambda a: a.swapaxes(0, 1),  # transposed
+    6: lambda a: np.rot90(a, -1),  # taken with the camera turned right: rotate 90 degrees clockwise
+    7: lambda a: a[::-1, ::-1].swapaxes(0, 1),  # transversed
+    8: lambda a: np.rot90(a, 1),  # rotate 90 degrees counter-clockwise
+}
+
+
+def exif_orientation(data: bytes | np.ndarray) -> int:
+    """The EXIF orientation tag (1-8) of an encoded image, 1 where it has none (PNG, most TIFFs) or it is unreadable."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(bytes(data))) as im:
+            value = int(im.getexif().get(0x0112, 1))
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError):
+        return 1
+    return value if value in _UPRIGHT else 1
+
+
+def to_uint8(img: np.ndarray) -> np.ndarray:
+    """Pixels of any depth as uint8 for display and for the network: 8-bit data as it is; deeper data (16-bit,
+    float) stretched linearly from its own minimum to its own maximum, so a 16-bit file holding 12-bit
+    microscopy is not shown nearly black, as dividing by 257 would show it."""
+    if img.dtype == np.uint8:
+        return img
+    x = img.astype(np.float32)
+    lo, hi = float(x.min()), float(x.max())
+    if not hi > lo:  # constant (or NaN): nothing to stretch
+        return np.zeros(img.shape, np.uint8)
+    return np.clip((x - lo) * (255.0 / (hi - lo)) + 0.5, 0, 255).astype(np.uint8)
+
+
 def read_image(path: Path) -> np.ndarray:
-    """Read an image as RGB uint8 ``(H, W, 3)``; grey, 16-bit and alpha images are converted.
+    """Read an image as RGB uint8 ``(H, W, 3)``, the right way up.
+
+    Grey, palette and alpha images become RGB; 16-bit and float data are stretched by their real range
+    (:func:`to_uint8`); a JPEG (or TIFF, WebP) with an EXIF orientation is turned upright, as browsers and
+    labelling tools show it, so labels are painted, trained and exported in that orientation.
 
     Raises:
         ImageError: the file is missing or not a readable image.
@@ -73,13 +116,13 @@ def read_image(path: Path) -> np.ndarray:
     data = np.fromfile(str(path), dtype=np.uint8) if path.is_file() else None
     if data is None:
         raise ImageError(f"{path}: file not found; check the path or remove it from the folder.")
-    img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+    img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None  # UNCHANGED: no EXIF turn, full depth
     if img is None:
         raise ImageError(f"{path}: not a readable image; replace it with a valid JPEG/PNG/TIFF or remove it.")
-    if img.dtype == np.uint16:
-        img = (img / 257.0).round().astype(np.uint8)
-    elif img.dtype != np.uint8:
-        img = cv2.normalize(img.astype(np.float32), None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
+    img = to_uint8(img)
+    orientation = exif_orientation(data) if path.suffix.lower() in EXIF_EXTENSIONS else 1
+    if orientation != 1:
+        img = np.ascontiguousarray(_UPRIGHT[orientation](img))
     if img.ndim == 2:
         img = cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
     elif img.shape[2] == 4:

@@ -22,6 +22,37 @@ def test_read_image_converts_grey_and_alpha_and_names_bad_files(tmp_path: Path):
         imageio.read_image(tmp_path / "bad.jpg")
 
 
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_is_applied_as_pillow_applies_it(tmp_path: Path, orientation: int):
+    """A phone photo (EXIF orientation 6: taken upright, stored sideways) is read the right way up; every
+    orientation as Pillow's own ``ImageOps.exif_transpose`` turns it."""
+    from PIL import Image, ImageOps
+
+    rgb = np.zeros((40, 64, 3), np.uint8)  # asymmetric: a bright block in the top-left corner, a ramp
+    rgb[:10, :16] = (250, 40, 40)
+    rgb[..., 2] = np.linspace(0, 200, 64, dtype=np.uint8)[None, :]
+    path = tmp_path / f"o{orientation}.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(rgb).save(path, quality=100, exif=exif)
+    with Image.open(path) as im:
+        want = np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+    got = imageio.read_image(path)
+    assert got.shape == want.shape == ((64, 40, 3) if orientation >= 5 else (40, 64, 3))
+    assert np.abs(got.astype(int) - want.astype(int)).mean() < 2.0  # two JPEG decoders, the same pixels
+
+
+def test_16_bit_images_are_stretched_by_their_real_range(tmp_path: Path):
+    ramp = np.tile(np.linspace(100, 4095, 64).astype(np.uint16), (8, 1))  # 12-bit microscopy in a 16-bit file
+    cv2.imwrite(str(tmp_path / "em.png"), ramp)
+    img = imageio.read_image(tmp_path / "em.png")
+    assert img.dtype == np.uint8 and img.shape == (8, 64, 3)
+    assert img.min() == 0 and img.max() == 255  # not 0..16, as dividing by 257 gave
+    assert (np.diff(img[0, :, 0].astype(int)) >= 0).all()  # the order of intensities is kept
+    cv2.imwrite(str(tmp_path / "flat.png"), np.full((4, 4), 1000, np.uint16))
+    assert imageio.read_image(tmp_path / "flat.png").max() == 0
+
+
 def test_bgr_to_rgb(tmp_path: Path):
     img = np.zeros((2, 2, 3), np.uint8)
     img[..., 0] = 200  # red in RGB
