@@ -72,6 +72,7 @@ def build_ui(session: Session, poll_s: float = 2.0) -> Any:
 
     with gr.Blocks(title="labelsmart") as demo:
         current = gr.State(None)  # image id on screen
+        base_rev = gr.State(None)  # label revision the editor was loaded with; a save is based on it
         shown_version = gr.State(None)  # model version of the overlay on screen
         picked = gr.State([])  # images Next offered in this session (not offered again)
         back = gr.State([])  # images left with Next, for Previous
@@ -123,6 +124,13 @@ def build_ui(session: Session, poll_s: float = 2.0) -> Any:
                     accept_btn = gr.Button("Use pre-annotation", elem_id="ls-accept")
                     undo_btn = gr.Button("Undo last save", elem_id="ls-undo")
                 save_msg = gr.Markdown(elem_id="ls-save-msg")
+                with gr.Column(visible=False, elem_id="ls-conflict") as conflict_box:  # someone else saved meanwhile
+                    conflict_img = gr.Image(
+                        label="Saved meanwhile by someone else", type="numpy", interactive=False, elem_id="ls-newer"
+                    )
+                    with gr.Row():
+                        merge_btn = gr.Button("Merge my strokes onto theirs", elem_id="ls-merge")
+                        keep_btn = gr.Button("Keep mine", elem_id="ls-keep-mine")
             with gr.Column(scale=2, min_width=300):
                 overlay = gr.Image(label="Pre-annotation", type="numpy", interactive=False, elem_id="ls-overlay")
                 alpha = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="Overlay opacity")
@@ -167,6 +175,8 @@ def build_ui(session: Session, poll_s: float = 2.0) -> Any:
                 gr.Dropdown(choices=session.image_choices(), value=v.image_id),
                 v.uncertainty,
                 v.uncertainty_info,
+                v.revision,
+                gr.Column(visible=False),
             )
 
         view_outputs = [
@@ -179,6 +189,8 @@ def build_ui(session: Session, poll_s: float = 2.0) -> Any:
             picker,
             uncertainty,
             uncertainty_info,
+            base_rev,
+            conflict_box,
         ]
 
         def go_next(image_id: int | None, a: float, seen: list[int], left: list[int], how: str) -> tuple:
@@ -208,20 +220,42 @@ def build_ui(session: Session, poll_s: float = 2.0) -> Any:
             api_name="next",
         )
 
-        def save(image_id: int | None, value: dict | None) -> tuple:
-            msg = session.save(image_id, value)
+        def save(image_id: int | None, value: dict | None, base: int | None) -> tuple:
+            result = session.save_labels(image_id, value, based_on=base)
             info = session.image_info(int(image_id)) if image_id is not None else ""
-            return msg, info, session.progress_md(), gr.Dropdown(choices=session.image_choices(), value=image_id)
+            newer = session.conflict(image_id, base) if result.stale else None
+            if result.revision is not None:
+                base = result.revision  # saved (or nothing to save): the editor holds that revision now
+            box = (gr.Column(visible=newer is not None), newer if newer is not None else gr.skip())
+            picker_value = gr.Dropdown(choices=session.image_choices(), value=image_id)
+            return result.message, info, session.progress_md(), picker_value, base, *box
 
         save_btn.click(
-            save, inputs=[current, editor], outputs=[save_msg, image_info, progress, picker], api_name="save"
+            save,
+            inputs=[current, editor, base_rev],
+            outputs=[save_msg, image_info, progress, picker, base_rev, conflict_box, conflict_img],
+            api_name="save",
         )
 
-        def undo(image_id: int | None, a: float) -> tuple:
-            msg = session.undo(image_id)
+        def merge(image_id: int | None, value: dict | None, base: int | None, a: float) -> tuple:
+            return (session.merge(image_id, value, base), *show(image_id, a))
+
+        merge_btn.click(
+            merge, inputs=[current, editor, base_rev, alpha], outputs=[save_msg, *view_outputs], api_name="merge"
+        )
+
+        def keep_mine(image_id: int | None, value: dict | None, a: float) -> tuple:
+            return (session.keep_mine(image_id, value), *show(image_id, a))
+
+        keep_btn.click(
+            keep_mine, inputs=[current, editor, alpha], outputs=[save_msg, *view_outputs], api_name="keep_mine"
+        )
+
+        def undo(image_id: int | None, a: float, base: int | None) -> tuple:
+            msg = session.undo(image_id, based_on=base)
             return (msg, *show(image_id, a))
 
-        undo_btn.click(undo, inputs=[current, alpha], outputs=[save_msg, *view_outputs], api_name="undo")
+        undo_btn.click(undo, inputs=[current, alpha, base_rev], outputs=[save_msg, *view_outputs], api_name="undo")
 
         def accept(image_id: int | None) -> tuple:
             value = session.preannotation_layer(image_id) if image_id is not None else None

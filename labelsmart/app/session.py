@@ -17,7 +17,7 @@ import numpy as np
 from labelsmart import imageio
 from labelsmart.config import IGNORE_INDEX, Config
 from labelsmart.serving import active
-from labelsmart.store import Store, StoreError
+from labelsmart.store import ANY_REVISION, StaleRevisionError, Store, StoreError
 
 if TYPE_CHECKING:
     from labelsmart.serving.predictor import Predictor
@@ -46,6 +46,22 @@ class View:
     version: int | None  # model version of the overlay
     uncertainty: np.ndarray | None = None  # the model's uncertainty drawn over the image
     uncertainty_info: str = ""  # markdown: what the map shows, the image's score and rank
+    revision: int | None = None  # label revision in the editor (None: the image had none); saves are based on it
+
+
+@dataclass(frozen=True)
+class SaveResult:
+    """What a save did.
+
+    Attributes:
+        revision: the image's revision the editor now matches (the new one, or the unchanged newest);
+            None when nothing was saved.
+        stale: someone else saved the image after the revision the editor was based on; nothing was saved.
+    """
+
+    message: str
+    revision: int | None = None
+    stale: bool = False
 
 
 class Session:
@@ -224,7 +240,8 @@ class Session:
             image_id = self.first_image()
         image_id = int(image_id)
         image = self.store.read_image(image_id)
-        mask = self.store.current_label(image_id)
+        current = self.store.current_revision(image_id)
+        mask = self.store.load_revision(current.id) if current is not None else None
         colors = self.colors()
         layer = imageio.mask_to_rgba(
             mask if mask is not None else np.full(image.shape[:2], IGNORE_INDEX, np.uint8), colors
@@ -233,7 +250,8 @@ class Session:
         overlay, overlay_info, version = self.preannotation(image_id, image, alpha)
         info = self.image_info(image_id)  # after predicting, so the state says pre-annotated
         umap, uinfo = self.uncertainty(image_id, image) if version is not None else (None, "")
-        return View(image_id, editor, overlay, overlay_info, info, version, umap, uinfo)
+        revision = current.id if current is not None else None
+        return View(image_id, editor, overlay, overlay_info, info, version, umap, uinfo, revision)
 
     def image_info(self, image_id: int) -> str:
         """One line about an image: path, size, state, labelled pixels, revisions."""
@@ -311,29 +329,87 @@ class Session:
             mask = np.where(m != IGNORE_INDEX, m, mask)
         return mask
 
-    def save(self, image_id: int | None, editor: dict[str, Any] | None) -> str:
-        """Save the editor's strokes as a new label revision of the image; returns a message."""
+    def save(
+        self, image_id: int | None, editor: dict[str, Any] | None, based_on: int | None | object = ANY_REVISION
+    ) -> str:
+        """Save the editor's strokes as a new label revision of the image; returns the message of
+        :meth:`save_labels`."""
+        return self.save_labels(image_id, editor, based_on).message
+
+    def save_labels(
+        self, image_id: int | None, editor: dict[str, Any] | None, based_on: int | None | object = ANY_REVISION
+    ) -> SaveResult:
+        """Save the editor's strokes as a new label revision of the image.
+
+        ``based_on`` is the revision the editor was loaded with (:attr:`View.revision`): if someone else saved
+        the image since, nothing is saved and the result says so (:meth:`merge` or :meth:`keep_mine` then).
+        """
+        if image_id is None:
+            return SaveResult("⚠️ No image selected.")
+        image_id = int(image_id)
+        if not self.store.classes():
+            return SaveResult("⚠️ Add classes before saving labels.")
+        return self._save_mask(image_id, self.editor_to_mask(image_id, editor), based_on)
+
+    def _save_mask(self, image_id: int, mask: np.ndarray, based_on: int | None | object) -> SaveResult:
+        current = self.store.current_revision(image_id)
+        if current is not None and np.array_equal(self.store.load_revision(current.id), mask):
+            return SaveResult("Nothing changed since the last save.", current.id)
+        try:
+            rev = self.store.save_label(image_id, mask, author=self.cfg.author, based_on=based_on)
+        except StaleRevisionError as exc:
+            return SaveResult(f"⚠️ {exc}", stale=True)
+        except StoreError as exc:
+            return SaveResult(f"⚠️ {exc}")
+        n = int((mask != IGNORE_INDEX).sum())
+        return SaveResult(f"Saved revision {rev}: {n} labelled pixels ({time.strftime('%H:%M:%S')}).", rev)
+
+    def revision(self, image_id: int | None) -> int | None:
+        """The image's newest label revision id (None without one): what the editor shows after a save."""
+        current = self.store.current_revision(int(image_id)) if image_id is not None else None
+        return current.id if current is not None else None
+
+    def conflict(self, image_id: int | None, based_on: int | None) -> np.ndarray | None:
+        """The newer labels someone else saved over the revision the editor is based on, drawn over the image;
+        None when the editor is based on the newest revision."""
+        if image_id is None or self.revision(image_id) == based_on:
+            return None
+        mask = self.store.current_label(int(image_id))
+        image = self.store.read_image(int(image_id))
+        return imageio.overlay(image, mask, self.colors(), alpha=0.6) if mask is not None else image
+
+    def merge(self, image_id: int | None, editor: dict[str, Any] | None, based_on: int | None) -> str:
+        """Save this person's strokes onto the newer labels: pixels they changed from the revision they painted on
+        take their value, every other pixel keeps the newer revision's (a three-way merge)."""
         if image_id is None:
             return "⚠️ No image selected."
         image_id = int(image_id)
-        if not self.store.classes():
-            return "⚠️ Add classes before saving labels."
-        mask = self.editor_to_mask(image_id, editor)
-        previous = self.store.current_label(image_id)
-        if previous is not None and np.array_equal(previous, mask):
-            return "Nothing changed since the last save."
-        try:
-            rev = self.store.save_label(image_id, mask, author=self.cfg.author)
-        except StoreError as exc:
-            return f"⚠️ {exc}"
-        n = int((mask != IGNORE_INDEX).sum())
-        return f"Saved revision {rev}: {n} labelled pixels ({time.strftime('%H:%M:%S')})."
+        newest = self.store.current_revision(image_id)
+        mine = self.editor_to_mask(image_id, editor)
+        row = self.store.image(image_id)
+        blank = np.full((row.height, row.width), IGNORE_INDEX, np.uint8)
+        base = self.store.load_revision(based_on) if based_on is not None else blank
+        theirs = self.store.load_revision(newest.id) if newest is not None else blank
+        changed = mine != base
+        merged = np.where(changed, mine, theirs).astype(np.uint8)
+        msg = self._save_mask(image_id, merged, newest.id if newest is not None else None).message
+        return msg.replace("Saved revision", "Merged your strokes onto the newer labels: revision", 1)
 
-    def undo(self, image_id: int | None) -> str:
-        """Undo the last save of the image (appends the previous revision)."""
+    def keep_mine(self, image_id: int | None, editor: dict[str, Any] | None) -> str:
+        """Save the editor's labels as they are, over the newer revision (which stays in the history)."""
         if image_id is None:
             return "⚠️ No image selected."
-        rev = self.store.undo_label(int(image_id), author=self.cfg.author)
+        return self.save(image_id, editor, based_on=self.revision(image_id))
+
+    def undo(self, image_id: int | None, based_on: int | None | object = ANY_REVISION) -> str:
+        """Undo the last save of the image (appends the previous revision); with ``based_on``, not someone
+        else's newer save."""
+        if image_id is None:
+            return "⚠️ No image selected."
+        try:
+            rev = self.store.undo_label(int(image_id), author=self.cfg.author, based_on=based_on)
+        except StoreError as exc:
+            return f"⚠️ {exc}"
         return (
             "Nothing to undo." if rev is None else f"Undone: restored the labels before the last save (revision {rev})."
         )

@@ -17,17 +17,19 @@ from __future__ import annotations
 
 from labelsmart.store.db import StoreError
 from labelsmart.store.images import DEFAULT_COLORS, ClassRow, ImageRow, file_sha1, load_classes_file, parse_color
-from labelsmart.store.labels import Labels, Revision, Snapshot
+from labelsmart.store.labels import ANY_REVISION, Labels, Revision, Snapshot, StaleRevisionError
 from labelsmart.store.registry import ModelRow, Registry, staging_dir, version_dir, version_name
 from labelsmart.store.scores import Scores
 
 __all__ = [
+    "ANY_REVISION",
     "DEFAULT_COLORS",
     "ClassRow",
     "ImageRow",
     "ModelRow",
     "Revision",
     "Snapshot",
+    "StaleRevisionError",
     "Store",
     "StoreError",
     "file_sha1",

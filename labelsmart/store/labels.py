@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sqlite3
 import time
 from dataclasses import dataclass
 
@@ -44,13 +45,64 @@ class Snapshot:
         return [i for i, _ in self.revisions]
 
 
+ANY_REVISION = object()  # save_label / undo_label without a check of the revision the labels were painted on
+
+
+class StaleRevisionError(StoreError):
+    """A save (or undo) against a revision that is no longer the newest: someone else saved the image since.
+
+    Attributes:
+        current: the image's newest revision, the one the save would have silently replaced.
+    """
+
+    def __init__(self, message: str, current: Revision) -> None:
+        super().__init__(message)
+        self.current = current
+
+
+_REVISION_COLUMNS = "id, image_id, labelled_pixels, author, source, created_at"
+
+
+def _check_newest(con: sqlite3.Connection, path: str, image_id: int, based_on: int | None) -> None:
+    """Raise :class:`StaleRevisionError` unless ``based_on`` is the image's newest revision (inside the write
+    transaction, so no save can come between the check and the insert)."""
+    row = con.execute(
+        f"SELECT {_REVISION_COLUMNS} FROM labels WHERE image_id=? ORDER BY id DESC LIMIT 1", (image_id,)
+    ).fetchone()
+    if row is None or int(row[0]) == based_on:
+        if row is None and based_on is not None:
+            raise StoreError(f"{path}: revision {based_on} is not a revision of this image; reload the image.")
+        return
+    current = Revision(*row)
+    when = time.strftime("%H:%M:%S", time.localtime(current.created_at))
+    seen = "no labels" if based_on is None else f"revision {based_on}"
+    raise StaleRevisionError(
+        f"{path} was saved by {current.author} at {when} (revision {current.id}) after you opened it with {seen}; "
+        "nothing was saved. Merge your strokes onto the newer labels, or keep yours as a new revision.",
+        current,
+    )
+
+
 class Labels(Images):
     """Label revisions of the project's images."""
 
-    def save_label(self, image_id: int, mask: np.ndarray, author: str = "annotator", source: str = "human") -> int:
+    def save_label(
+        self,
+        image_id: int,
+        mask: np.ndarray,
+        author: str = "annotator",
+        source: str = "human",
+        based_on: int | None | object = ANY_REVISION,
+    ) -> int:
         """Append a label revision for an image in one transaction. Returns the revision id.
 
+        Args:
+            based_on: the revision the labels were painted on (None: the image had none). When given, the save
+                lands only if that is still the image's newest revision; ``ANY_REVISION`` (imports, benchmarks)
+                appends whatever came before.
+
         Raises:
+            StaleRevisionError: someone saved the image after ``based_on``; nothing was saved.
             StoreError: the mask has the wrong size or holds an unknown class id.
         """
         img = self.image(image_id)
@@ -71,6 +123,8 @@ class Labels(Images):
         labelled = int(mask.size - counts[IGNORE_INDEX])
         blob = imageio.encode_png(mask)
         with self.transaction() as con:
+            if based_on is not ANY_REVISION:
+                _check_newest(con, img.path, image_id, based_on)
             cur = con.execute(
                 "INSERT INTO labels(image_id, mask, labelled_pixels, class_pixels, author, source, created_at) "
                 "VALUES (?,?,?,?,?,?,?)",
@@ -122,13 +176,23 @@ class Labels(Images):
         )
         return [Revision(*r) for r in rows]
 
-    def undo_label(self, image_id: int, author: str = "annotator") -> int | None:
+    def undo_label(
+        self, image_id: int, author: str = "annotator", based_on: int | None | object = ANY_REVISION
+    ) -> int | None:
         """Undo the last save of an image by appending the revision before it (history stays whole).
 
+        Args:
+            based_on: the revision the person undoing sees; when given, someone else's newer save is not undone.
+
         Returns the new revision id, or None when there is nothing to undo.
+
+        Raises:
+            StaleRevisionError: someone saved the image after ``based_on``; nothing was undone.
         """
         img = self.image(image_id)
         with self.transaction() as con:
+            if based_on is not ANY_REVISION:
+                _check_newest(con, img.path, image_id, based_on)
             rows = con.execute(
                 "SELECT mask, labelled_pixels, class_pixels, source FROM labels WHERE image_id=? ORDER BY id",
                 (image_id,),

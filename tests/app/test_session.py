@@ -56,6 +56,46 @@ def test_save_merges_layers_and_undo_restores(session: Session):
     assert "1 labelled" not in session.progress_md()
 
 
+def test_a_save_on_a_stale_revision_is_refused_then_merged_or_kept(tiny_cfg):
+    """Two annotators open the same image; the second to save is told, sees the newer labels, and chooses."""
+    import dataclasses
+
+    store = open_project(tiny_cfg)
+    alice = Session(dataclasses.replace(tiny_cfg, author="alice"), store, Predictor(store, tiny_cfg))
+    bob = Session(dataclasses.replace(tiny_cfg, author="bob"), store, Predictor(store, tiny_cfg))
+    img = store.images()[0]
+    colors = alice.colors()
+    shape = (img.height, img.width)
+
+    def editor(mask: np.ndarray) -> dict:
+        return {"background": None, "layers": [imageio.mask_to_rgba(mask, colors)]}
+
+    seen_by_alice, seen_by_bob = alice.view(img.id), bob.view(img.id)
+    assert seen_by_alice.revision is None and seen_by_bob.revision is None
+    theirs = np.full(shape, 255, np.uint8)
+    theirs[:10] = 0
+    saved = alice.save_labels(img.id, editor(theirs), based_on=seen_by_alice.revision)
+    assert saved.revision is not None and not saved.stale
+    mine = np.full(shape, 255, np.uint8)
+    mine[-10:] = 1
+    refused = bob.save_labels(img.id, editor(mine), based_on=seen_by_bob.revision)
+    assert refused.stale and refused.revision is None
+    assert "was saved by alice" in refused.message and f"(revision {saved.revision})" in refused.message
+    assert len(store.history(img.id)) == 1  # nothing of bob's landed
+    newer = bob.conflict(img.id, seen_by_bob.revision)
+    assert newer is not None and newer.shape == (*shape, 3)  # alice's labels over the photo
+    assert bob.conflict(img.id, saved.revision) is None
+    assert bob.undo(img.id, based_on=seen_by_bob.revision).startswith("⚠️")  # not alice's save either
+    assert bob.merge(img.id, editor(mine), seen_by_bob.revision).startswith("Merged your strokes")
+    merged = store.current_label(img.id)
+    assert (merged[:10] == 0).all() and (merged[-10:] == 1).all() and (merged[10:-10] == 255).all()
+    assert [r.author for r in store.history(img.id)] == ["alice", "bob"]
+    # Alice, still on her revision, now chooses to keep hers as a new revision (bob's stays in the history).
+    assert alice.save_labels(img.id, editor(theirs), based_on=saved.revision).stale
+    assert alice.keep_mine(img.id, editor(theirs)).startswith("Saved revision")
+    assert np.array_equal(store.current_label(img.id), theirs) and len(store.history(img.id)) == 3
+
+
 def test_editor_layers_of_another_size_are_rescaled(session: Session):
     img = session.store.images()[0]
     small = np.zeros((img.height // 2, img.width // 2, 4), np.uint8)
@@ -221,10 +261,12 @@ def test_launched_app_save_train_preannotate(tiny_dataset: Path, tmp_path: Path)
     proc, url = launch_app(tiny_dataset, tmp_path)
     try:
         client = Client(url, verbose=False)
+        other = Client(url, verbose=False)  # a second annotator, with a session of their own
         images = client.predict(api_name="/images")
         assert len(images) == 8 and all(state == "unlabelled" for _, _, state in images)
         first, second = images[0][0], images[1][0]
         client.predict(first, 0.5, api_name="/open_image")  # the session now shows image `first`
+        other.predict(first, 0.5, api_name="/open_image")  # ... and so does the other one
         img = cv2.cvtColor(cv2.imread(str(tiny_dataset / "images" / images[0][1])), cv2.COLOR_BGR2RGB)
         _, truth = synth_scene(0)
         layer = imageio.mask_to_rgba(scribbles(truth), [c["color"] for c in CLASSES])
@@ -238,6 +280,11 @@ def test_launched_app_save_train_preannotate(tiny_dataset: Path, tmp_path: Path)
         }
         msg, *_ = client.predict(value, api_name="/save")
         assert msg.startswith("Saved revision"), msg
+        dense = imageio.mask_to_rgba(truth, [c["color"] for c in CLASSES])  # the other paints the whole image
+        cv2.imwrite(str(tmp_path / "dense.png"), cv2.cvtColor(dense, cv2.COLOR_RGBA2BGRA))
+        theirs = {**value, "layers": [handle_file(str(tmp_path / "dense.png"))]}
+        late, *_ = other.predict(theirs, api_name="/save")  # painted on the image as it was before that save
+        assert late.startswith("⚠️") and "was saved by annotator" in late and "nothing was saved" in late, late
         assert dict((i, s) for i, _, s in client.predict(api_name="/images"))[first] == "labelled"
         status = wait_for(
             lambda: (s := client.predict(api_name="/status")) and "Serving model **v1**" in s and s,

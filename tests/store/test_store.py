@@ -154,3 +154,40 @@ def test_relative_version_folders_of_an_older_registry_become_absolute(tiny_cfg,
     assert rows[2].folder == tiny_cfg.project_models_dir / "v0002"
     assert rows[3].path == "models/p/v0003"
     assert store.resolve_model_paths(tiny_cfg.project_models_dir) == 0  # once is enough
+
+
+def test_saves_based_on_one_revision_land_once_however_many_race(tiny_cfg):
+    """Eight threads save the same image, all based on the revision they read: exactly one lands, the other
+    seven are told who saved first, and the history holds nothing else."""
+    import threading
+
+    from labelsmart.store import ANY_REVISION, StaleRevisionError
+
+    store = open_project(tiny_cfg)
+    img = store.images()[0]
+    base = store.save_label(img.id, np.full((img.height, img.width), 0, np.uint8), author="first")
+    outcomes: list[object] = []
+    start = threading.Barrier(8)
+
+    def save(k: int) -> None:
+        mask = np.full((img.height, img.width), 255, np.uint8)
+        mask[k] = 1
+        start.wait()
+        try:
+            outcomes.append(store.save_label(img.id, mask, author=f"t{k}", based_on=base))
+        except StaleRevisionError as exc:
+            outcomes.append(exc)
+
+    threads = [threading.Thread(target=save, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    landed = [o for o in outcomes if isinstance(o, int)]
+    refused = [o for o in outcomes if isinstance(o, StaleRevisionError)]
+    assert len(landed) == 1 and len(refused) == 7
+    assert all(e.current.id == landed[0] and "nothing was saved" in str(e) for e in refused)
+    assert [r.id for r in store.history(img.id)] == [base, landed[0]]
+    with pytest.raises(StaleRevisionError, match=r"after you opened it with no labels"):
+        store.save_label(img.id, np.zeros((img.height, img.width), np.uint8), based_on=None)
+    assert store.save_label(img.id, np.zeros((img.height, img.width), np.uint8), based_on=ANY_REVISION) > landed[0]
