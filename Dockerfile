@@ -1,7 +1,9 @@
 # labelsmart on a CUDA 13 / cuDNN 9 runtime (what torch 2.14.1 and onnxruntime-gpu 1.31.1 are built for).
 #   docker build -t labelsmart .
+#   python -m labelsmart add-user --users users.json alice        # on the host, or in the image (below)
 #   docker run --gpus all -p 7860:7860 -v /path/to/images:/data -v labelsmart-models:/app/models \
-#       labelsmart --dataset /data
+#       -v "$PWD/users.json:/app/users.json:ro" labelsmart --dataset /data --auth /app/users.json
+# The container listens on all its interfaces, so the app asks for --auth (or an explicit --insecure).
 FROM nvidia/cuda:13.0.2-cudnn-runtime-ubuntu24.04
 
 ENV DEBIAN_FRONTEND=noninteractive \
@@ -22,6 +24,7 @@ COPY labelsmart ./labelsmart
 RUN mkdir -p models exports
 
 EXPOSE 7860
-# Listen on all interfaces inside the container; publish the port only where you mean to.
+# Listen on all interfaces inside the container (hence --auth USERS_FILE, or --insecure); publish the port only
+# where you mean to.
 ENTRYPOINT ["python", "app.py", "--host", "0.0.0.0", "--port", "7860"]
 CMD []

@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import sys
+from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
@@ -34,6 +35,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--encoder-weights", dest="encoder_weights", help="local encoder weights file")
     p.add_argument("--author", help="name recorded with each saved label revision")
     p.add_argument("--no-trainer", action="store_true", help="do not start the background trainer")
+    p.add_argument("--auth", help="users file: only its users get in (python -m labelsmart add-user --users FILE NAME)")
+    p.add_argument(
+        "--insecure", action="store_true", help="listen on a non-loopback --host without --auth (anyone may edit)"
+    )
     return p.parse_args(argv)
 
 
@@ -44,19 +49,27 @@ def main(argv: list[str] | None = None) -> int:
     from labelsmart import config, demo
     from labelsmart.app.layout import build_ui
     from labelsmart.app.session import Session
+    from labelsmart.auth import AuthError, Users, is_loopback
     from labelsmart.imageio import ImageError
     from labelsmart.project import ProjectError, open_project
     from labelsmart.serving.predictor import Predictor
     from labelsmart.store import StoreError
     from labelsmart.training.trainer import Supervisor
 
-    flags = {k: v for k, v in vars(args).items() if k != "no_trainer"}
+    flags = {k: v for k, v in vars(args).items() if k not in ("no_trainer", "auth", "insecure")}
     try:
         if flags.get("dataset") is None:
             flags["dataset"] = str(demo.demo_dataset(demo.default_demo_root(os.environ)))
         cfg = config.load(flags)
+        users = Users(Path(args.auth)) if args.auth else None
+        if users is None and not args.insecure and not is_loopback(cfg.host):
+            raise AuthError(
+                f"--host {cfg.host} lets anyone who reaches this machine read and change every label; pass --auth "
+                "USERS_FILE (make it with `python -m labelsmart add-user --users FILE NAME`), or --insecure if "
+                "the network is yours alone."
+            )
         store = open_project(cfg)
-    except (ProjectError, StoreError, ImageError, ValueError) as exc:
+    except (AuthError, ProjectError, StoreError, ImageError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     logging.getLogger(__name__).info(
@@ -81,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
             share=False,
             show_error=True,
             quiet=False,
+            auth=users.check if users is not None else None,
+            auth_message=f"labelsmart · {cfg.project}: log in with your user name and password.",
         )
     finally:
         if supervisor is not None:

@@ -1,4 +1,5 @@
-"""The product's commands: train | export | preannotate | evaluate (``python -m labelsmart`` adds ``bench``).
+"""The product's commands: train | export | preannotate | evaluate | add-user (``python -m labelsmart`` adds
+``bench``).
 
 Every command logs to stderr, prints its results to stdout, and ends a user error (bad path, unreadable
 file, wrong model) with one ``error: <sentence>`` line on stderr and a non-zero exit code, not a traceback.
@@ -496,12 +497,38 @@ def _add_evaluate(sub: SubParsers) -> None:
     v.set_defaults(func=cmd_evaluate)
 
 
+def cmd_add_user(args: argparse.Namespace) -> int:
+    """Add a user to (or change a password in) the users file ``app.py --auth`` reads."""
+    import getpass
+
+    from labelsmart import auth
+
+    if args.password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = getpass.getpass(f"password for {args.name}: ")
+        if getpass.getpass("again: ") != password:
+            raise CliError("the two passwords differ; run the command again.")
+    new = auth.add_user(Path(args.users), args.name, password)
+    print(f"{'added user' if new else 'changed the password of'} {args.name} in {args.users}")
+    return EXIT_OK
+
+
+def _add_add_user(sub: SubParsers) -> None:
+    """``add-user``: a user of ``app.py --auth``."""
+    u = sub.add_parser("add-user", help="add a user (or change a password) in a users file for app.py --auth")
+    u.add_argument("--users", required=True, help="users file (created if missing; readable by its owner only)")
+    u.add_argument("name", help="user name, recorded as the author of the labels they save")
+    u.add_argument("--password-stdin", action="store_true", help="read the password from the first line of stdin")
+    u.set_defaults(func=cmd_add_user)
+
+
 def build_parser(command_groups: Sequence[CommandGroup] = ()) -> argparse.ArgumentParser:
     """The argument parser with the product's subcommands and those ``command_groups`` add."""
     p = argparse.ArgumentParser(prog="python -m labelsmart", description=DESCRIPTION)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for register in (_add_train, _add_export, _add_preannotate, _add_evaluate, *command_groups):
+    for register in (_add_train, _add_export, _add_preannotate, _add_evaluate, _add_add_user, *command_groups):
         register(sub)
     return p
 

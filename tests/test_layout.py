@@ -24,12 +24,13 @@ ALLOWED = {
     "store": {"config", "imageio"},
     "project": {"config", "imageio", "store"},
     "demo": {"config", "imageio"},
+    "auth": {"config", "imageio"},
     "datasets": BASE | {"store"},
     "serving": BASE | {"store"},
     "training": BASE | {"store", "serving"},  # the sidecar it writes, the scoring after a round
     "preannotate": BASE | {"serving"},
     "app": BASE | {"store", "serving", "training"},  # the trainer's Supervisor, for its type only
-    "cli": BASE | {"store", "project", "datasets", "serving", "training", "preannotate"},
+    "cli": BASE | {"store", "project", "datasets", "serving", "training", "preannotate", "auth"},
     "bench": BASE | {"store", "project", "datasets", "serving", "training", "preannotate", "app", "cli"},
     "__main__": {"cli", "bench"},
 }

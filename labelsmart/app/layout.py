@@ -1,6 +1,7 @@
 """The labelling page: all layout and wiring in one ``build_ui``, over the handlers of :class:`Session`.
 
-Only ``app.py`` calls ``launch()``. Gradio is imported here, when the page is built.
+Only ``app.py`` calls ``launch()``. Gradio is imported by this module only (the handlers in
+:mod:`~labelsmart.app.session` run without it); at module level, so that handlers can ask for ``gr.Request``.
 """
 
 from __future__ import annotations
@@ -8,6 +9,8 @@ from __future__ import annotations
 import html
 import json
 from typing import Any
+
+import gradio as gr
 
 from labelsmart.app.session import Session, hex_color
 
@@ -64,7 +67,6 @@ def build_ui(session: Session, poll_s: float = 2.0) -> Any:
     the page reads top to bottom here as it looks, and every handler it calls is a plain, tested method of
     :class:`Session`.
     """
-    import gradio as gr
 
     def brush() -> gr.Brush:
         colors = [hex_color(c) for c in session.colors()] or ["#000000"]
@@ -220,8 +222,8 @@ def build_ui(session: Session, poll_s: float = 2.0) -> Any:
             api_name="next",
         )
 
-        def save(image_id: int | None, value: dict | None, base: int | None) -> tuple:
-            result = session.save_labels(image_id, value, based_on=base)
+        def save(image_id: int | None, value: dict | None, base: int | None, request: gr.Request) -> tuple:
+            result = session.save_labels(image_id, value, based_on=base, author=request.username)
             info = session.image_info(int(image_id)) if image_id is not None else ""
             newer = session.conflict(image_id, base) if result.stale else None
             if result.revision is not None:
@@ -237,22 +239,22 @@ def build_ui(session: Session, poll_s: float = 2.0) -> Any:
             api_name="save",
         )
 
-        def merge(image_id: int | None, value: dict | None, base: int | None, a: float) -> tuple:
-            return (session.merge(image_id, value, base), *show(image_id, a))
+        def merge(image_id: int | None, value: dict | None, base: int | None, a: float, request: gr.Request) -> tuple:
+            return (session.merge(image_id, value, base, author=request.username), *show(image_id, a))
 
         merge_btn.click(
             merge, inputs=[current, editor, base_rev, alpha], outputs=[save_msg, *view_outputs], api_name="merge"
         )
 
-        def keep_mine(image_id: int | None, value: dict | None, a: float) -> tuple:
-            return (session.keep_mine(image_id, value), *show(image_id, a))
+        def keep_mine(image_id: int | None, value: dict | None, a: float, request: gr.Request) -> tuple:
+            return (session.keep_mine(image_id, value, author=request.username), *show(image_id, a))
 
         keep_btn.click(
             keep_mine, inputs=[current, editor, alpha], outputs=[save_msg, *view_outputs], api_name="keep_mine"
         )
 
-        def undo(image_id: int | None, a: float, base: int | None) -> tuple:
-            msg = session.undo(image_id, based_on=base)
+        def undo(image_id: int | None, a: float, base: int | None, request: gr.Request) -> tuple:
+            msg = session.undo(image_id, based_on=base, author=request.username)
             return (msg, *show(image_id, a))
 
         undo_btn.click(undo, inputs=[current, alpha, base_rev], outputs=[save_msg, *view_outputs], api_name="undo")

@@ -330,33 +330,44 @@ class Session:
         return mask
 
     def save(
-        self, image_id: int | None, editor: dict[str, Any] | None, based_on: int | None | object = ANY_REVISION
+        self,
+        image_id: int | None,
+        editor: dict[str, Any] | None,
+        based_on: int | None | object = ANY_REVISION,
+        author: str | None = None,
     ) -> str:
         """Save the editor's strokes as a new label revision of the image; returns the message of
         :meth:`save_labels`."""
-        return self.save_labels(image_id, editor, based_on).message
+        return self.save_labels(image_id, editor, based_on, author).message
 
     def save_labels(
-        self, image_id: int | None, editor: dict[str, Any] | None, based_on: int | None | object = ANY_REVISION
+        self,
+        image_id: int | None,
+        editor: dict[str, Any] | None,
+        based_on: int | None | object = ANY_REVISION,
+        author: str | None = None,
     ) -> SaveResult:
         """Save the editor's strokes as a new label revision of the image.
 
         ``based_on`` is the revision the editor was loaded with (:attr:`View.revision`): if someone else saved
         the image since, nothing is saved and the result says so (:meth:`merge` or :meth:`keep_mine` then).
+        ``author`` is the logged-in user (``cfg.author`` without a login).
         """
         if image_id is None:
             return SaveResult("⚠️ No image selected.")
         image_id = int(image_id)
         if not self.store.classes():
             return SaveResult("⚠️ Add classes before saving labels.")
-        return self._save_mask(image_id, self.editor_to_mask(image_id, editor), based_on)
+        return self._save_mask(image_id, self.editor_to_mask(image_id, editor), based_on, author)
 
-    def _save_mask(self, image_id: int, mask: np.ndarray, based_on: int | None | object) -> SaveResult:
+    def _save_mask(
+        self, image_id: int, mask: np.ndarray, based_on: int | None | object, author: str | None
+    ) -> SaveResult:
         current = self.store.current_revision(image_id)
         if current is not None and np.array_equal(self.store.load_revision(current.id), mask):
             return SaveResult("Nothing changed since the last save.", current.id)
         try:
-            rev = self.store.save_label(image_id, mask, author=self.cfg.author, based_on=based_on)
+            rev = self.store.save_label(image_id, mask, author=author or self.cfg.author, based_on=based_on)
         except StaleRevisionError as exc:
             return SaveResult(f"⚠️ {exc}", stale=True)
         except StoreError as exc:
@@ -378,7 +389,9 @@ class Session:
         image = self.store.read_image(int(image_id))
         return imageio.overlay(image, mask, self.colors(), alpha=0.6) if mask is not None else image
 
-    def merge(self, image_id: int | None, editor: dict[str, Any] | None, based_on: int | None) -> str:
+    def merge(
+        self, image_id: int | None, editor: dict[str, Any] | None, based_on: int | None, author: str | None = None
+    ) -> str:
         """Save this person's strokes onto the newer labels: pixels they changed from the revision they painted on
         take their value, every other pixel keeps the newer revision's (a three-way merge)."""
         if image_id is None:
@@ -392,22 +405,24 @@ class Session:
         theirs = self.store.load_revision(newest.id) if newest is not None else blank
         changed = mine != base
         merged = np.where(changed, mine, theirs).astype(np.uint8)
-        msg = self._save_mask(image_id, merged, newest.id if newest is not None else None).message
+        msg = self._save_mask(image_id, merged, newest.id if newest is not None else None, author).message
         return msg.replace("Saved revision", "Merged your strokes onto the newer labels: revision", 1)
 
-    def keep_mine(self, image_id: int | None, editor: dict[str, Any] | None) -> str:
+    def keep_mine(self, image_id: int | None, editor: dict[str, Any] | None, author: str | None = None) -> str:
         """Save the editor's labels as they are, over the newer revision (which stays in the history)."""
         if image_id is None:
             return "⚠️ No image selected."
-        return self.save(image_id, editor, based_on=self.revision(image_id))
+        return self.save(image_id, editor, based_on=self.revision(image_id), author=author)
 
-    def undo(self, image_id: int | None, based_on: int | None | object = ANY_REVISION) -> str:
+    def undo(
+        self, image_id: int | None, based_on: int | None | object = ANY_REVISION, author: str | None = None
+    ) -> str:
         """Undo the last save of the image (appends the previous revision); with ``based_on``, not someone
         else's newer save."""
         if image_id is None:
             return "⚠️ No image selected."
         try:
-            rev = self.store.undo_label(int(image_id), author=self.cfg.author, based_on=based_on)
+            rev = self.store.undo_label(int(image_id), author=author or self.cfg.author, based_on=based_on)
         except StoreError as exc:
             return f"⚠️ {exc}"
         return (

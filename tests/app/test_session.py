@@ -184,7 +184,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_app(dataset: Path, tmp: Path, extra_env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+def launch_app(
+    dataset: Path, tmp: Path, extra_env: dict[str, str] | None = None, extra_args: list[str] | None = None
+) -> tuple[subprocess.Popen, str]:
     """Start ``app.py`` on a free port with a fast trainer; returns the process and its URL."""
     port = _free_port()
     env = dict(os.environ)
@@ -215,6 +217,7 @@ def launch_app(dataset: Path, tmp: Path, extra_env: dict[str, str] | None = None
             str(tmp / "models"),
             "--port",
             str(port),
+            *(extra_args or []),
         ],
         cwd=tmp,
         env=env,
