@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import os
 import tempfile
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,8 @@ from labelsmart.config import IGNORE_INDEX, IMAGE_EXTENSIONS, PreprocessConfig
 
 cv2.setNumThreads(1)
 EXIF_EXTENSIONS = (".jpg", ".jpeg", ".tif", ".tiff", ".webp")  # the formats whose orientation is read
+MAX_PIXELS = 100_000_000  # larger images are refused (10000 x 10000 RGB is 300 MB, and the editor sends it whole)
+TOO_MANY_PIXELS = (-1, -1)  # a header size past what Pillow will even read
 
 
 class ImageError(ValueError):
@@ -79,14 +82,26 @@ _UPRIGHT = {
 
 def exif_orientation(data: bytes | np.ndarray) -> int:
     """The EXIF orientation tag (1-8) of an encoded image, 1 where it has none (PNG, most TIFFs) or it is unreadable."""
+    return _header(data, orientation=True)[1]
+
+
+def _header(data: bytes | np.ndarray, orientation: bool) -> tuple[tuple[int, int] | None, int]:
+    """``((width, height) or None where unreadable, EXIF orientation or 1)`` from an encoded image's header
+    alone; the orientation only when asked (a PNG's EXIF would make Pillow decode the whole image)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(io.BytesIO(bytes(data))) as im:
-            value = int(im.getexif().get(0x0112, 1))
+        with warnings.catch_warnings():  # a size past Pillow's bomb warning is refused below, in words
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(bytes(data)))  # reads the header, decodes nothing
+        with im:
+            size = (int(im.size[0]), int(im.size[1]))
+            value = int(im.getexif().get(0x0112, 1)) if orientation else 1
+    except Image.DecompressionBombError:  # more pixels than Pillow itself opens (twice its MAX_IMAGE_PIXELS)
+        return TOO_MANY_PIXELS, 1
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError):
-        return 1
-    return value if value in _UPRIGHT else 1
+        return None, 1
+    return size, (value if value in _UPRIGHT else 1)
 
 
 def to_uint8(img: np.ndarray) -> np.ndarray:
@@ -107,7 +122,8 @@ def read_image(path: Path) -> np.ndarray:
 
     Grey, palette and alpha images become RGB; 16-bit and float data are stretched by their real range
     (:func:`to_uint8`); a JPEG (or TIFF, WebP) with an EXIF orientation is turned upright, as browsers and
-    labelling tools show it, so labels are painted, trained and exported in that orientation.
+    labelling tools show it, so labels are painted, trained and exported in that orientation. An image over
+    :data:`MAX_PIXELS` is refused from its header, before anything is decoded.
 
     Raises:
         ImageError: the file is missing or not a readable image.
@@ -116,11 +132,17 @@ def read_image(path: Path) -> np.ndarray:
     data = np.fromfile(str(path), dtype=np.uint8) if path.is_file() else None
     if data is None:
         raise ImageError(f"{path}: file not found; check the path or remove it from the folder.")
+    size, orientation = _header(data, path.suffix.lower() in EXIF_EXTENSIONS) if data.size else (None, 1)
+    if size is not None and (size == TOO_MANY_PIXELS or size[0] * size[1] > MAX_PIXELS):
+        dims = "its pixels are" if size == TOO_MANY_PIXELS else f"{size[0]}x{size[1]} pixels is"
+        raise ImageError(
+            f"{path}: {dims} more than labelsmart opens ({MAX_PIXELS // 10**6} megapixels, which keeps memory and "
+            "the browser within bounds); split it into tiles or downscale it."
+        )
     img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None  # UNCHANGED: no EXIF turn, full depth
     if img is None:
         raise ImageError(f"{path}: not a readable image; replace it with a valid JPEG/PNG/TIFF or remove it.")
     img = to_uint8(img)
-    orientation = exif_orientation(data) if path.suffix.lower() in EXIF_EXTENSIONS else 1
     if orientation != 1:
         img = np.ascontiguousarray(_UPRIGHT[orientation](img))
     if img.ndim == 2:

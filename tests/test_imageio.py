@@ -53,6 +53,31 @@ def test_16_bit_images_are_stretched_by_their_real_range(tmp_path: Path):
     assert imageio.read_image(tmp_path / "flat.png").max() == 0
 
 
+def huge_png_header(path: Path, width: int = 20_000, height: int = 20_000) -> Path:
+    """A PNG whose header says ``width`` x ``height`` (its pixel data is that of an 8x8 image): what a reader
+    sees of a huge image before it decodes anything, without the gigabytes."""
+    import struct
+    import zlib
+
+    ok, buf = cv2.imencode(".png", np.zeros((8, 8, 3), np.uint8))
+    data = bytearray(buf.tobytes())
+    ihdr = data[12:29]  # chunk type + 13 bytes of data
+    ihdr[4:12] = struct.pack(">II", width, height)
+    data[12:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(ihdr)))
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_a_huge_image_is_refused_from_its_header(tmp_path: Path):
+    path = huge_png_header(tmp_path / "slide.png", 12_000, 12_000)
+    with pytest.raises(imageio.ImageError, match=r"slide\.png: 12000x12000 pixels is more than labelsmart opens"):
+        imageio.read_image(path)
+    big = huge_png_header(tmp_path / "wide.png", 20_000, 20_000)  # past what Pillow itself opens
+    with pytest.raises(imageio.ImageError, match="its pixels are more than labelsmart opens.*split it into tiles"):
+        imageio.read_image(big)
+
+
 def test_bgr_to_rgb(tmp_path: Path):
     img = np.zeros((2, 2, 3), np.uint8)
     img[..., 0] = 200  # red in RGB

@@ -191,3 +191,12 @@ def test_saves_based_on_one_revision_land_once_however_many_race(tiny_cfg):
     with pytest.raises(StaleRevisionError, match=r"after you opened it with no labels"):
         store.save_label(img.id, np.zeros((img.height, img.width), np.uint8), based_on=None)
     assert store.save_label(img.id, np.zeros((img.height, img.width), np.uint8), based_on=ANY_REVISION) > landed[0]
+
+
+def test_a_huge_image_in_the_folder_is_skipped_with_an_event(tiny_cfg, tiny_dataset: Path):
+    from test_imageio import huge_png_header
+
+    huge_png_header(tiny_dataset / "images" / "huge.png")
+    store = open_project(tiny_cfg)
+    assert len(store.images()) == 8 and all(r.path != "huge.png" for r in store.images())
+    assert any("huge.png: its pixels are more than labelsmart opens" in message for *_, message in store.events())
