@@ -1,5 +1,5 @@
-"""The product's commands: train | export | preannotate | evaluate | add-user (``python -m labelsmart`` adds
-``bench``).
+"""The product's commands: train | export | preannotate | evaluate | export-labels | import-labels | add-user
+(``python -m labelsmart`` adds ``bench``).
 
 Every command logs to stderr, prints its results to stdout, and ends a user error (bad path, unreadable
 file, wrong model) with one ``error: <sentence>`` line on stderr and a non-zero exit code, not a traceback.
@@ -22,6 +22,7 @@ from labelsmart import config, imageio
 
 if TYPE_CHECKING:
     from labelsmart.preannotate.pipeline import Journal, Outcome
+    from labelsmart.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -185,16 +186,10 @@ def cmd_export(args: argparse.Namespace) -> int:
             raise CliError(f"{ckpt}: checkpoint not found; pass --checkpoint a model.pt file.")
         default_name = ckpt.parent.name if ckpt.stem == "model" else ckpt.stem
     else:
-        from labelsmart.store import Store, version_name
+        from labelsmart.store import version_name
 
         cfg = config.load(_flags(args, "dataset", "workdir", "models_dir"))
-        if cfg.dataset is None or cfg.workdir is None or not cfg.db_path.is_file():
-            raise CliError(
-                f"{args.dataset}: no labelsmart project here yet; train one with "
-                "`python -m labelsmart train --dataset DIR` first."
-            )
-        store = Store(cfg.db_path, image_root=cfg.image_root)
-        store.resolve_model_paths(cfg.project_models_dir)
+        store = _open_store(args)
         row = store.latest_published()
         if row is None:
             raise CliError(f"{cfg.dataset}: the project has no published model yet; train one first.")
@@ -497,6 +492,72 @@ def _add_evaluate(sub: SubParsers) -> None:
     v.set_defaults(func=cmd_evaluate)
 
 
+def _open_store(args: argparse.Namespace) -> Store:
+    """The store of the project ``--dataset`` (and ``--workdir``) name; it must exist already."""
+    from labelsmart.store import Store
+
+    cfg = config.load(_flags(args, "dataset", "workdir", "models_dir"))
+    if cfg.dataset is None or cfg.workdir is None or not cfg.db_path.is_file():
+        raise CliError(
+            f"{args.dataset}: no labelsmart project here yet; open it once with `python app.py --dataset DIR` "
+            "or `python -m labelsmart train --dataset DIR`."
+        )
+    store = Store(cfg.db_path, image_root=cfg.image_root)
+    store.resolve_model_paths(cfg.project_models_dir)
+    return store
+
+
+def cmd_export_labels(args: argparse.Namespace) -> int:
+    """The project's labels, out in a format other tools read (png, voc, coco)."""
+    from tqdm import tqdm
+
+    from labelsmart import formats
+
+    store = _open_store(args)
+    with tqdm(desc=f"exporting {args.format}", unit="img", file=sys.stderr, dynamic_ncols=True, mininterval=0.5) as bar:
+
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.n = done
+            bar.refresh()
+
+        n = formats.export_labels(store, args.format, Path(args.out), revisions=args.revisions, progress=progress)
+    print(f"{n} label revisions of {len(store.images())} images in {args.out} ({args.format})")
+    return EXIT_OK
+
+
+def cmd_import_labels(args: argparse.Namespace) -> int:
+    """Labels in: a png, voc or coco export (of labelsmart or another tool) as label revisions."""
+    from labelsmart import formats
+
+    store = _open_store(args)
+    n = formats.import_labels(store, args.format, Path(args.path), author=args.author or "import")
+    print(f"imported {n} label revisions from {args.path} ({args.format})")
+    return EXIT_OK
+
+
+def _add_labels(sub: SubParsers) -> None:
+    """``export-labels`` and ``import-labels``."""
+    from labelsmart.formats import FORMATS
+
+    e = sub.add_parser("export-labels", help="the project's labels in a format other tools read")
+    e.add_argument("--dataset", required=True, help="the project's folder of images")
+    e.add_argument("--workdir", help="project state folder (default DIR/.labelsmart)")
+    e.add_argument("--format", required=True, choices=FORMATS, help="png, voc (Pascal VOC) or coco (RLE)")
+    e.add_argument("--out", required=True, help="a new (or empty) folder for the export")
+    e.add_argument(
+        "--revisions", choices=("current", "all"), default="current", help="current labels, or the whole history"
+    )
+    e.set_defaults(func=cmd_export_labels)
+    i = sub.add_parser("import-labels", help="labels in png, voc or coco as label revisions of the project")
+    i.add_argument("--dataset", required=True, help="the project's folder of images")
+    i.add_argument("--workdir", help="project state folder (default DIR/.labelsmart)")
+    i.add_argument("--format", required=True, choices=FORMATS, help="png, voc or coco")
+    i.add_argument("--author", help="recorded as the author of the imported revisions (default import)")
+    i.add_argument("path", help="the export folder (png, voc) or COCO JSON file (coco)")
+    i.set_defaults(func=cmd_import_labels)
+
+
 def cmd_add_user(args: argparse.Namespace) -> int:
     """Add a user to (or change a password in) the users file ``app.py --auth`` reads."""
     import getpass
@@ -528,7 +589,8 @@ def build_parser(command_groups: Sequence[CommandGroup] = ()) -> argparse.Argume
     p = argparse.ArgumentParser(prog="python -m labelsmart", description=DESCRIPTION)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for register in (_add_train, _add_export, _add_preannotate, _add_evaluate, _add_add_user, *command_groups):
+    commands = (_add_train, _add_export, _add_preannotate, _add_evaluate, _add_labels, _add_add_user)
+    for register in (*commands, *command_groups):
         register(sub)
     return p
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from labelsmart import imageio
 from labelsmart.config import Config
 from labelsmart.store import Store, StoreError, load_classes_file
 
@@ -55,28 +54,24 @@ def open_project(cfg: Config) -> Store:
 def import_masks(store: Store, masks_dir: Path, author: str = "import") -> int:
     """Load ``<stem>.png`` index masks (255 = unlabelled) as label revisions of unlabelled images.
 
-    Images that already have a label revision are left alone, so importing twice changes nothing.
-    Returns the number of masks imported.
+    A shortcut of ``import-labels --format png`` (:func:`labelsmart.formats.import_labels`): images that already
+    have a label revision are left alone, so importing twice changes nothing, and masks of images outside the
+    project are passed over. Returns the number of masks imported.
 
     Raises:
-        ProjectError: the folder is missing, there are no classes yet, or a mask is unusable.
+        ProjectError: the folder is missing, there are no classes yet, or a mask is unusable; nothing was imported.
     """
+    from labelsmart.formats import FormatError, import_labels
+
     if not masks_dir.is_dir():
         raise ProjectError(f"{masks_dir}: masks folder not found; pass --import-masks a folder of <stem>.png masks.")
-    k = len(store.classes())
-    if k == 0:
+    if not store.classes():
         raise ProjectError(f"{masks_dir}: cannot import masks before the classes are known; pass --classes FILE.")
-    by_stem = {p.stem: p for p in sorted(masks_dir.rglob("*.png"))}
-    n = 0
-    for img in store.images():
-        mask_path = by_stem.get(Path(img.path).stem)
-        if mask_path is None or store.current_revision(img.id) is not None:
-            continue
-        try:
-            mask = imageio.read_mask(mask_path, shape=(img.height, img.width), num_classes=k)
-        except imageio.ImageError as exc:
-            raise ProjectError(str(exc)) from exc
-        store.save_label(img.id, mask, author=author, source="import")
-        n += 1
+    try:
+        n = import_labels(
+            store, "png", masks_dir, author=author, source="import", only_unlabelled=True, skip_unknown_images=True
+        )
+    except FormatError as exc:
+        raise ProjectError(str(exc)) from exc
     log.info("imported %d masks from %s", n, masks_dir)
     return n

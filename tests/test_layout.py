@@ -22,16 +22,17 @@ ALLOWED = {
     "imageio": {"config"},
     "metrics": {"config"},
     "store": {"config", "imageio"},
-    "project": {"config", "imageio", "store"},
+    "formats": BASE | {"store"},
+    "project": {"config", "imageio", "store", "formats"},
     "demo": {"config", "imageio"},
     "auth": {"config", "imageio"},
     "datasets": BASE | {"store"},
     "serving": BASE | {"store"},
     "training": BASE | {"store", "serving"},  # the sidecar it writes, the scoring after a round
-    "preannotate": BASE | {"serving"},
-    "app": BASE | {"store", "serving", "training"},  # the trainer's Supervisor, for its type only
-    "cli": BASE | {"store", "project", "datasets", "serving", "training", "preannotate", "auth"},
-    "bench": BASE | {"store", "project", "datasets", "serving", "training", "preannotate", "app", "cli"},
+    "preannotate": BASE | {"serving", "formats"},  # COCO annotations
+    "app": BASE | {"store", "serving", "training", "formats"},  # training: the Supervisor's type only
+    "cli": BASE | {"store", "project", "datasets", "serving", "training", "preannotate", "formats", "auth"},
+    "bench": BASE | {"store", "project", "datasets", "serving", "training", "preannotate", "formats", "app", "cli"},
     "__main__": {"cli", "bench"},
 }
 TORCH = {"torch", "torchvision", "segmentation_models_pytorch", "timm"}

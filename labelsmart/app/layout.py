@@ -56,6 +56,7 @@ ORDER_CHOICES = [
     ("the next image in the list", "sequential"),
 ]
 
+EXPORT_FORMATS = [("PNG masks + classes.json", "png"), ("Pascal VOC", "voc"), ("COCO JSON (RLE)", "coco")]
 VERSION_HEADERS = ["version", "status", "labelled images", "labelled pixels", "val mIoU %", "steps", "seconds", "time"]
 
 
@@ -101,6 +102,14 @@ def build_ui(session: Session, poll_s: float = 2.0) -> Any:
                     new_color = gr.ColorPicker(label="Colour (optional)")
                     add_class_btn = gr.Button("Add class")
                     class_msg = gr.Markdown()
+                with gr.Accordion("Export labels", open=False):
+                    export_format = gr.Dropdown(EXPORT_FORMATS, value="png", label="Format", elem_id="ls-export-format")
+                    export_revisions = gr.Radio(
+                        [("current labels", "current"), ("the whole history", "all")], value="current", label="What"
+                    )
+                    export_btn = gr.Button("Export labels", elem_id="ls-export")
+                    export_file = gr.File(label="Download", interactive=False, elem_id="ls-export-file")
+                    export_msg = gr.Markdown(elem_id="ls-export-msg")
             with gr.Column(scale=3):
                 legend = gr.HTML(session.legend_html(), elem_id="ls-legend")
                 editor = gr.ImageEditor(
@@ -286,6 +295,20 @@ def build_ui(session: Session, poll_s: float = 2.0) -> Any:
             api_name="add_class",
         )
         train_btn.click(session.train_now, outputs=[save_msg], api_name="train_now")
+
+        def export_labels(fmt: str, revisions: str, progress: gr.Progress = gr.Progress()) -> tuple:
+            def step(done: int, total: int) -> None:
+                progress((done, total), desc="exporting labels", unit="images")
+
+            path, msg = session.export_labels(fmt, revisions, step)
+            return path, msg
+
+        export_btn.click(
+            export_labels,
+            inputs=[export_format, export_revisions],
+            outputs=[export_file, export_msg],
+            api_name="export_labels",
+        )
 
         def poll(image_id: int | None, version: int | None, a: float, n_seen: int | None) -> tuple:
             session.predictor.refresh()

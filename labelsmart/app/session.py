@@ -9,7 +9,9 @@ from __future__ import annotations
 import html
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -428,6 +430,29 @@ class Session:
         return (
             "Nothing to undo." if rev is None else f"Undone: restored the labels before the last save (revision {rev})."
         )
+
+    # -------------------------------------------------------------------------------------- export
+
+    def export_labels(
+        self, fmt: str, revisions: str = "current", progress: Callable[[int, int], None] | None = None
+    ) -> tuple[str | None, str]:
+        """The project's labels in ``fmt`` as a zip to download: ``(zip path or None, message)``."""
+        import shutil
+        import tempfile
+
+        from labelsmart.formats import FormatError, export_labels
+
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        name = f"{self.cfg.project}-labels-{fmt}-{stamp}"
+        work = Path(tempfile.mkdtemp(prefix="labelsmart-export-"))  # a temp folder, which Gradio may serve
+        try:
+            n = export_labels(self.store, fmt, work / name, revisions=revisions, progress=progress)
+        except FormatError as exc:
+            shutil.rmtree(work, ignore_errors=True)
+            return None, f"⚠️ {exc}"
+        archive = shutil.make_archive(str(work / name), "zip", root_dir=work, base_dir=name)
+        shutil.rmtree(work / name, ignore_errors=True)
+        return archive, f"Exported {n} label revisions ({fmt}, {revisions}) as {Path(archive).name}."
 
     # ------------------------------------------------------------------------------------- trainer
 

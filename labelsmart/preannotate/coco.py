@@ -1,4 +1,4 @@
-"""COCO output of a pre-annotated folder: one JSON file with an RLE mask (pycocotools) per image and class."""
+"""COCO output of a pre-annotated folder: one JSON file, the annotations of :mod:`labelsmart.formats.coco`."""
 
 from __future__ import annotations
 
@@ -8,9 +8,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from labelsmart import imageio
+from labelsmart.formats.coco import JsonArrayWriter, categories, mask_annotations
 from labelsmart.preannotate.pipeline import MANIFEST_NAME
 
 
@@ -43,48 +42,32 @@ def write_coco(out: Path, coco_path: Path, class_names: Sequence[str]) -> tuple[
     Returns:
         ``(images, annotations)`` written.
     """
-    from pycocotools import mask as mask_utils
-
     coco_path = Path(coco_path)
     coco_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = coco_path.with_name(f".{coco_path.name}.{os.getpid()}.tmp")
-    n_images = n_anns = 0
+    manifest = out / MANIFEST_NAME
     try:
         with open(tmp, "w", encoding="utf-8") as fh:
-            categories = [{"id": i + 1, "name": n, "supercategory": "labelsmart"} for i, n in enumerate(class_names)]
             fh.write('{"info": ' + json.dumps({"description": "labelsmart pre-annotations", "version": "1.0"}))
-            fh.write(', "categories": ' + json.dumps(categories) + ', "images": [')
-            manifest = out / MANIFEST_NAME
+            fh.write(', "categories": ' + json.dumps(categories(class_names)) + ', "images": [')
             if not manifest.is_file():
                 raise FileNotFoundError(manifest)
-            for i, rec in enumerate(read_manifest(manifest)):
-                n_images += 1
-                entry = {
+            images = JsonArrayWriter(fh)
+            images.write(
+                {
                     "id": i + 1,
                     "file_name": rec["image"],
                     "height": rec["height"],
                     "width": rec["width"],
                     "model_version": rec.get("model_version"),
                 }
-                fh.write(("" if i == 0 else ", ") + json.dumps(entry))
+                for i, rec in enumerate(read_manifest(manifest))
+            )
             fh.write('], "annotations": [')
+            anns = JsonArrayWriter(fh)
             for i, rec in enumerate(read_manifest(manifest)):
                 mask = imageio.read_mask(out / rec["mask"], shape=(rec["height"], rec["width"]))
-                for k in np.unique(mask):
-                    if int(k) >= len(class_names):
-                        continue
-                    rle = mask_utils.encode(np.asfortranarray(mask == k, dtype=np.uint8))
-                    ann = {
-                        "id": n_anns + 1,
-                        "image_id": i + 1,
-                        "category_id": int(k) + 1,
-                        "segmentation": {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode()},
-                        "area": int(mask_utils.area(rle)),
-                        "bbox": [round(float(v), 2) for v in mask_utils.toBbox(rle)],
-                        "iscrowd": 1,
-                    }
-                    fh.write(("" if n_anns == 0 else ", ") + json.dumps(ann))
-                    n_anns += 1
+                anns.write(mask_annotations(mask, len(class_names), i + 1, anns.count + 1))
             fh.write("]}\n")
             fh.flush()
             os.fsync(fh.fileno())
@@ -93,4 +76,4 @@ def write_coco(out: Path, coco_path: Path, class_names: Sequence[str]) -> tuple[
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return n_images, n_anns
+    return images.count, anns.count

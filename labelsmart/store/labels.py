@@ -7,6 +7,7 @@ import json
 import logging
 import sqlite3
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,7 +15,7 @@ import numpy as np
 from labelsmart import imageio
 from labelsmart.config import IGNORE_INDEX
 from labelsmart.store.db import StoreError
-from labelsmart.store.images import Images
+from labelsmart.store.images import ImageRow, Images
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,23 @@ def _check_newest(con: sqlite3.Connection, path: str, image_id: int, based_on: i
     )
 
 
+def _insert_label(
+    con: sqlite3.Connection,
+    image_id: int,
+    blob: bytes,
+    labelled: int,
+    class_pixels: dict[str, int],
+    author: str,
+    source: str,
+) -> int:
+    cur = con.execute(
+        "INSERT INTO labels(image_id, mask, labelled_pixels, class_pixels, author, source, created_at) "
+        "VALUES (?,?,?,?,?,?,?)",
+        (image_id, blob, labelled, json.dumps(class_pixels), author, source, time.time()),
+    )
+    return int(cur.lastrowid)
+
+
 class Labels(Images):
     """Label revisions of the project's images."""
 
@@ -105,6 +123,29 @@ class Labels(Images):
             StaleRevisionError: someone saved the image after ``based_on``; nothing was saved.
             StoreError: the mask has the wrong size or holds an unknown class id.
         """
+        img, blob, labelled, class_pixels = self._label_row(image_id, mask)
+        with self.transaction() as con:
+            if based_on is not ANY_REVISION:
+                _check_newest(con, img.path, image_id, based_on)
+            rev = _insert_label(con, image_id, blob, labelled, class_pixels, author, source)
+        log.info("saved label revision %d for %s (%d labelled pixels)", rev, img.path, labelled)
+        return rev
+
+    def save_labels(self, items: Sequence[tuple[int, np.ndarray]], author: str, source: str) -> list[int]:
+        """Append a label revision for each ``(image id, mask)``, all in one transaction: every mask is checked
+        first, and either all of them land or none (an import is never half done). Returns the revision ids.
+
+        Raises:
+            StoreError: a mask has the wrong size or holds an unknown class id; nothing was saved.
+        """
+        rows = [(image_id, *self._label_row(image_id, mask)[1:]) for image_id, mask in items]
+        with self.transaction() as con:
+            revs = [_insert_label(con, i, blob, n, pixels, author, source) for i, blob, n, pixels in rows]
+        log.info("saved %d label revisions (%s, by %s)", len(revs), source, author)
+        return revs
+
+    def _label_row(self, image_id: int, mask: np.ndarray) -> tuple[ImageRow, bytes, int, dict[str, int]]:
+        """A checked mask as a row: ``(image, PNG blob, labelled pixels, {class id: pixels})``."""
         img = self.image(image_id)
         mask = np.asarray(mask)
         if mask.dtype != np.uint8 or mask.ndim != 2:
@@ -120,19 +161,7 @@ class Labels(Images):
         if bad:
             raise StoreError(f"label mask for {img.path} uses class ids {bad} but the project has {k} classes.")
         class_pixels = {str(i): int(counts[i]) for i in range(k) if counts[i]}
-        labelled = int(mask.size - counts[IGNORE_INDEX])
-        blob = imageio.encode_png(mask)
-        with self.transaction() as con:
-            if based_on is not ANY_REVISION:
-                _check_newest(con, img.path, image_id, based_on)
-            cur = con.execute(
-                "INSERT INTO labels(image_id, mask, labelled_pixels, class_pixels, author, source, created_at) "
-                "VALUES (?,?,?,?,?,?,?)",
-                (image_id, blob, labelled, json.dumps(class_pixels), author, source, time.time()),
-            )
-            rev = int(cur.lastrowid)
-        log.info("saved label revision %d for %s (%d labelled pixels)", rev, img.path, labelled)
-        return rev
+        return img, imageio.encode_png(mask), int(mask.size - counts[IGNORE_INDEX]), class_pixels
 
     def current_revision(self, image_id: int) -> Revision | None:
         """Newest label revision of an image."""
