@@ -63,6 +63,10 @@ class RoundCancelled(RuntimeError):
     """``should_stop()`` asked the round to stop; nothing was saved."""
 
 
+class RoundFailed(RuntimeError):
+    """The round cannot go on (a loss that is not finite); nothing was saved, the message says what to do."""
+
+
 @dataclass(frozen=True)
 class RoundData:
     """What a round learns from.
@@ -456,6 +460,11 @@ def _train_stages(
         for group in training.optimizer.param_groups:
             group["lr"] = tc.lr * lr_factor(budget.done[stage], budget.planned[stage])
         loss = _step(stage, training, budget)
+        if not torch.isfinite(loss.detach()):  # a NaN would spread into every weight; stop before it does
+            raise RoundFailed(
+                f"round v{version}: the {stage} loss became {float(loss.detach())} at step {budget.steps_done + 1}; "
+                "nothing was saved. Lower train.lr (LABELSMART_TRAIN_LR) or check the labels."
+            )
         training.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         training.optimizer.step()
@@ -493,6 +502,7 @@ def run_round(
 
     Raises:
         RoundCancelled: ``should_stop()`` returned True.
+        RoundFailed: the loss stopped being finite (NaN or infinity); the weights were not stepped with it.
         ValueError: no classes, no labelled images or a bad setting.
     """
     t_start = time.monotonic()

@@ -236,3 +236,32 @@ def test_class_balanced_round_weighs_the_rare_class_up(project, tmp_path: Path) 
     plain_cfg = config.load({**_args(cfg), "train.pretrain_fraction": 0.0, "train.class_balance": 0.0}, env={})
     plain, _ = train_round(plain_cfg, store, 1, tmp_path / "v2", steps=1)
     assert "class_weights" not in plain.metrics
+
+
+def test_a_loss_that_becomes_nan_fails_the_round_and_publishes_nothing(tiny_cfg, monkeypatch) -> None:
+    """A NaN loss stops the round at that step with a sentence; the version is failed, the one before serves."""
+    from labelsmart.training import round as training_round
+    from labelsmart.training.trainer import run_one_round
+
+    store = open_project(tiny_cfg)
+    img = store.images()[0]
+    mask = np.full((img.height, img.width), 255, np.uint8)
+    mask[:5], mask[-5:] = 0, 1
+    store.save_label(img.id, mask)
+    first = run_one_round(tiny_cfg, store, steps=2)
+    real = training_round.finetune_step
+    calls = []
+
+    def poisoned(ctx, batch):
+        calls.append(1)
+        loss = real(ctx, batch)
+        return loss * float("nan") if len(calls) == 2 else loss
+
+    monkeypatch.setattr(training_round, "finetune_step", poisoned)
+    with pytest.raises(training_round.RoundFailed, match=r"fine-tuning loss became nan at step 2; nothing was saved"):
+        run_one_round(tiny_cfg, store, steps=5)
+    assert len(calls) == 2  # stopped at the step that went wrong
+    rows = {m.version: m for m in store.models()}
+    assert rows[2].status == "failed" and "became nan" in rows[2].error
+    assert store.latest_published().version == first.version == 1
+    assert not list(first.folder.parent.glob(".*.tmp"))

@@ -189,3 +189,59 @@ def test_load_snapshot_reads_current_revisions(tmp_path: Path) -> None:
     assert pairs[1][0].shape == (20, 30, 3) and pairs[1][0][0, 0, 0] == 80
     only = load_snapshot(store, snap, ids=[ids[2]])
     assert len(only) == 1 and only[0][0][0, 0, 0] == 80
+
+
+def _round_until_killed(cfg, where: str) -> None:
+    """A round that will be killed: a long training stage, or an export that never ends after a partial file."""
+    import dataclasses
+
+    from labelsmart.store import Store
+    from labelsmart.training import export, trainer
+
+    store = Store(cfg.db_path, image_root=cfg.image_root)
+    if where == "export":
+
+        def stuck(checkpoint, out, **kw):
+            Path(out).write_bytes(b"half an onnx file")
+            time.sleep(600)
+
+        export.export_onnx = stuck
+        trainer.run_one_round(cfg, store, steps=2)
+    else:
+        long = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_round_seconds=0.0))
+        trainer.run_one_round(long, store, steps=1_000_000)
+
+
+@pytest.mark.parametrize("where", ["round", "export"])
+def test_a_trainer_killed_mid_round_or_mid_export_publishes_nothing_and_the_next_start_resumes(tiny_cfg, where):
+    import multiprocessing as mp
+    import signal
+
+    from labelsmart.training.trainer import run_one_round
+
+    store = open_project(tiny_cfg)
+    img = store.images()[0]
+    mask = np.full((img.height, img.width), 255, np.uint8)
+    mask[:5], mask[-5:] = 0, 1
+    store.save_label(img.id, mask)
+    first = run_one_round(tiny_cfg, store, steps=2)
+    staging = first.folder.with_name(".v0002.tmp")
+    proc = mp.get_context("spawn").Process(target=_round_until_killed, args=(tiny_cfg, where))
+    proc.start()
+    marker = "model.onnx" if where == "export" else "."
+    deadline = time.time() + 120
+    while time.time() < deadline and not (staging / marker).exists():
+        time.sleep(0.1)
+    if where == "round":  # well into training: the status says so
+        while time.time() < deadline and store.models()[-1].status != "training":
+            time.sleep(0.1)
+        time.sleep(1.0)
+    assert (staging / marker).exists(), "the killed round never got going"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.join(10)
+    assert store.latest_published().version == 1 and store.models()[-1].status == "training"  # left as it died
+    TrainerLoop(tiny_cfg, store).recover()  # what the next trainer start does first
+    rows = {m.version: m for m in store.models()}
+    assert rows[2].status == "failed" and "interrupted" in rows[2].error and not staging.exists()
+    assert not (first.folder.parent / "v0002").exists() and store.latest_published().version == 1
+    assert run_one_round(tiny_cfg, store, steps=2).version == 3  # and training goes on
