@@ -188,8 +188,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     else:
         from labelsmart.store import version_name
 
-        cfg = config.load(_flags(args, "dataset", "workdir", "models_dir"))
-        store = _open_store(args)
+        cfg, store = _open_project_store(args)
         row = store.latest_published()
         if row is None:
             raise CliError(f"{cfg.dataset}: the project has no published model yet; train one first.")
@@ -492,8 +491,8 @@ def _add_evaluate(sub: SubParsers) -> None:
     v.set_defaults(func=cmd_evaluate)
 
 
-def _open_store(args: argparse.Namespace) -> Store:
-    """The store of the project ``--dataset`` (and ``--workdir``) name; it must exist already."""
+def _open_project_store(args: argparse.Namespace) -> tuple[config.Config, Store]:
+    """The configuration and the store of the project ``--dataset`` (and ``--workdir``) name, which must exist."""
     from labelsmart.store import Store
 
     cfg = config.load(_flags(args, "dataset", "workdir", "models_dir"))
@@ -504,7 +503,7 @@ def _open_store(args: argparse.Namespace) -> Store:
         )
     store = Store(cfg.db_path, image_root=cfg.image_root)
     store.resolve_model_paths(cfg.project_models_dir)
-    return store
+    return cfg, store
 
 
 def cmd_export_labels(args: argparse.Namespace) -> int:
@@ -513,7 +512,7 @@ def cmd_export_labels(args: argparse.Namespace) -> int:
 
     from labelsmart import formats
 
-    store = _open_store(args)
+    _, store = _open_project_store(args)
     with tqdm(desc=f"exporting {args.format}", unit="img", file=sys.stderr, dynamic_ncols=True, mininterval=0.5) as bar:
 
         def progress(done: int, total: int) -> None:
@@ -530,7 +529,7 @@ def cmd_import_labels(args: argparse.Namespace) -> int:
     """Labels in: a png, voc or coco export (of labelsmart or another tool) as label revisions."""
     from labelsmart import formats
 
-    store = _open_store(args)
+    _, store = _open_project_store(args)
     n = formats.import_labels(store, args.format, Path(args.path), author=args.author or "import")
     print(f"imported {n} label revisions from {args.path} ({args.format})")
     return EXIT_OK
