@@ -78,7 +78,7 @@ def write(store: Store, out: Path, revisions: str, progress: Progress | None = N
         JsonArrayWriter(fh).write(
             {"id": image_ids[img.id], "file_name": img.path, "height": img.height, "width": img.width}
             for img in rows
-            if img.labelled_pixels > 0 or revisions == "all"
+            if img.labelled_pixels > 0 or (revisions == "all" and store.current_revision(img.id) is not None)
         )
         fh.write('], "annotations": [')
         anns = JsonArrayWriter(fh)
