@@ -34,10 +34,10 @@ SHORTCUTS_JS = """
     if (!swatches().length) {
       const color = q("#ls-editor button[aria-label='Color']");
       if (color) color.click();
-      for (let t = 0; t < 40 && !swatches().length; t++) await sleep(50);  // the palette opens
+      for (let t = 0; t < 200 && !swatches().length; t++) await sleep(50);  // the palette opens (slow pages too)
     }
     const s = swatches();
-    if (s[i]) s[i].click();
+    if (s[i]) { s[i].click(); document.body.dataset.lsBrushClass = String(i); }  // said, for scripts and tests
   }
   document.addEventListener("keydown", (e) => {
     if (e.ctrlKey || e.metaKey || e.altKey || e.repeat) return;

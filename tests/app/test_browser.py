@@ -75,7 +75,9 @@ def test_paint_save_and_see_preannotation(tmp_path: Path):
             _stroke(page, img_box, 0.12)  # class 0 (sky), the default colour, across the top
             page.mouse.click(5, 5)  # focus the page, then the shortcut "2" picks class 1 (road) as brush colour
             page.keyboard.press("2")
-            page.wait_for_timeout(500)
+            # the palette opens and the swatch is clicked asynchronously; slow (software-rendered) pages take seconds
+            page.wait_for_function("document.body.dataset.lsBrushClass === '1'", timeout=30_000)
+            page.wait_for_timeout(300)
             _stroke(page, img_box, 0.92)  # across the bottom
             page.keyboard.press("s")  # the Save shortcut
             page.wait_for_function(
