@@ -13,17 +13,21 @@ own "void"); ``coco`` has no annotation covering those pixels.
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 
 from labelsmart.store import ImageRow, Revision, Store, StoreError
 
+# Each format is a module of this package with ``write(store, out, options, progress)`` and
+# ``read(store, path, index)``.
 FORMATS = ("png", "voc", "coco")
 REVISIONS = ("current", "all")
 Progress = Callable[[int, int], None]  # (done, total)
@@ -41,6 +45,47 @@ class LabelledImage:
     revision: Revision
     mask: np.ndarray  # (H, W) uint8 class ids, 255 = unlabelled
     current: bool  # the image's newest revision
+
+
+@dataclass(frozen=True)
+class PredictedImage:
+    """The newest model's pre-annotation of an image nobody labelled, as ``--include predictions`` writes it."""
+
+    image: ImageRow
+    mask: np.ndarray  # (H, W) uint8 class ids of the prediction
+    confidence: np.ndarray  # (H, W) float32 softmax probability of the predicted class
+    score: float  # mean confidence
+    model_version: str  # "labelsmart-vNNNN"
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """What an export writes besides the current labels.
+
+    Attributes:
+        revisions: ``current`` or ``all`` (the history, where the format holds it).
+        predictions: with ``--include predictions``, the pre-annotations of the images nobody labelled (one in
+            memory at a time); None without.
+        as_predictions: Label Studio only: write the labels as predictions (with ``model_version``), not as
+            annotations.
+        image_url: Label Studio only: the prefix of each task's image URL (the image's relative path follows).
+    """
+
+    revisions: str = "current"
+    predictions: Callable[[], Iterator[PredictedImage]] | None = None
+    as_predictions: bool = False
+    image_url: str = ""
+
+
+def format_module(fmt: str) -> ModuleType:
+    """The module that reads and writes ``fmt``.
+
+    Raises:
+        FormatError: an unknown format.
+    """
+    if fmt not in FORMATS:
+        raise FormatError(f"--format {fmt}: use one of {', '.join(FORMATS)}.")
+    return importlib.import_module(f"labelsmart.formats.{fmt}")
 
 
 def labelled_images(store: Store, revisions: str = "current") -> Iterator[LabelledImage]:
@@ -69,18 +114,24 @@ def class_table(store: Store) -> list[dict[str, object]]:
 
 
 def export_labels(
-    store: Store, fmt: str, out: Path, revisions: str = "current", progress: Progress | None = None
+    store: Store,
+    fmt: str,
+    out: Path,
+    revisions: str = "current",
+    progress: Progress | None = None,
+    options: ExportOptions | None = None,
 ) -> int:
     """Write the project's labels in ``fmt`` into the new folder ``out``; returns the label revisions written.
 
-    Raises:
-        FormatError: an unknown format, ``out`` exists and is not empty, or the format cannot hold the history.
-    """
-    from labelsmart.formats import coco, png, voc
+    ``options`` (when given) replaces ``revisions``.
 
-    writers = {"png": png.write, "voc": voc.write, "coco": coco.write}
-    if fmt not in writers:
-        raise FormatError(f"--format {fmt}: use one of {', '.join(FORMATS)}.")
+    Raises:
+        FormatError: an unknown format, ``out`` exists and is not empty, or the format cannot hold what was asked.
+    """
+    module = format_module(fmt)
+    options = options if options is not None else ExportOptions(revisions=revisions)
+    if options.revisions not in REVISIONS:
+        raise FormatError(f"--revisions {options.revisions}: use current or all.")
     if not store.classes():
         raise FormatError(f"{store.db_path}: the project has no classes yet, so no labels to export.")
     out = Path(out)
@@ -89,7 +140,7 @@ def export_labels(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
-        n = writers[fmt](store, tmp, revisions, progress)
+        n = module.write(store, tmp, options, progress)
         os.chmod(tmp, 0o755)  # mkdtemp makes 0700; an export is meant to be shared
         if out.exists():
             out.rmdir()
@@ -123,16 +174,12 @@ def import_labels(
         FormatError: the file or folder is not of the format, names an unknown class or image, or holds a mask
             of the wrong size; nothing was imported.
     """
-    from labelsmart.formats import coco, png, voc
-
-    readers = {"png": png.read, "voc": voc.read, "coco": coco.read}
+    module = format_module(fmt)
     index = ImageIndex(store, skip_unknown=skip_unknown_images)
-    if fmt not in readers:
-        raise FormatError(f"--format {fmt}: use one of {', '.join(FORMATS)}.")
     if not store.classes():
         raise FormatError(f"{path}: cannot import labels before the project has classes; pass --classes FILE.")
     items = []
-    for image_id, mask, origin in readers[fmt](store, Path(path), index):
+    for image_id, mask, origin in module.read(store, Path(path), index):
         if image_id is None:
             continue
         current = store.current_revision(image_id)

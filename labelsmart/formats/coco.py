@@ -18,7 +18,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from labelsmart.formats import FormatError, ImageIndex, Progress, labelled_images, map_classes
+from labelsmart.formats import ExportOptions, FormatError, ImageIndex, Progress, labelled_images, map_classes
 from labelsmart.store import Store
 
 COCO_NAME = "coco.json"
@@ -66,8 +66,9 @@ class JsonArrayWriter:
             self.count += 1
 
 
-def write(store: Store, out: Path, revisions: str, progress: Progress | None = None) -> int:
+def write(store: Store, out: Path, options: ExportOptions, progress: Progress | None = None) -> int:
     """Write ``coco.json`` into ``out`` (streamed: one mask in memory at a time); returns the revisions written."""
+    revisions = options.revisions
     classes = store.classes()
     rows = store.images()
     image_ids = {img.id: k + 1 for k, img in enumerate(rows)}

@@ -16,6 +16,7 @@ import numpy as np
 
 from labelsmart import imageio
 from labelsmart.formats import (
+    ExportOptions,
     FormatError,
     ImageIndex,
     Progress,
@@ -35,8 +36,9 @@ def mask_name(image_path: str) -> Path:
     return Path(image_path).with_suffix(".png")
 
 
-def write(store: Store, out: Path, revisions: str, progress: Progress | None = None) -> int:
+def write(store: Store, out: Path, options: ExportOptions, progress: Progress | None = None) -> int:
     """Write the masks (and the history) into ``out``; returns the revisions written."""
+    revisions = options.revisions
     colors = [c.color for c in store.classes()]
     total = sum(1 for _ in store.images())
     n = done = 0

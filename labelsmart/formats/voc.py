@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from labelsmart import imageio
-from labelsmart.formats import FormatError, ImageIndex, Progress, labelled_images
+from labelsmart.formats import ExportOptions, FormatError, ImageIndex, Progress, labelled_images
 from labelsmart.store import Store
 
 MASKS = Path("SegmentationClass")
@@ -22,10 +22,15 @@ IMAGE_SET = Path("ImageSets") / "Segmentation" / "default.txt"
 LABELMAP = "labelmap.txt"
 
 
-def write(store: Store, out: Path, revisions: str, progress: Progress | None = None) -> int:
+def write(store: Store, out: Path, options: ExportOptions, progress: Progress | None = None) -> int:
     """Write the current masks, the image set and the label map into ``out``; returns the masks written."""
+    revisions = options.revisions
     if revisions != "current":
         raise FormatError("--format voc holds one mask per image; export the history with --format png or coco.")
+    if options.predictions is not None:
+        raise FormatError(
+            "--format voc cannot mark masks as predictions; export them with --format png, coco, labelstudio or cvat."
+        )
     classes = store.classes()
     colors = [c.color for c in classes]
     total = len(store.images())
