@@ -28,7 +28,7 @@ from labelsmart.store import ImageRow, Revision, Store, StoreError
 
 # Each format is a module of this package with ``write(store, out, options, progress)`` and
 # ``read(store, path, index)``.
-FORMATS = ("png", "voc", "coco")
+FORMATS = ("png", "voc", "coco", "cvat")
 REVISIONS = ("current", "all")
 Progress = Callable[[int, int], None]  # (done, total)
 
