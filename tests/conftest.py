@@ -166,3 +166,16 @@ def pid_alive(pid: int) -> bool:
             return fh.read().split(") ")[1][0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def interop_python(tool: str) -> str:
+    """The interpreter of another tool's own virtualenv (``labelstudio``, ``datumaro``), or a visible skip.
+
+    ``scripts/interop_envs.sh`` makes them in ``.interop/<tool>``; ``LABELSMART_LS_PYTHON`` /
+    ``LABELSMART_DATUMARO_PYTHON`` point elsewhere.
+    """
+    var = {"labelstudio": "LABELSMART_LS_PYTHON", "datumaro": "LABELSMART_DATUMARO_PYTHON"}[tool]
+    path = os.environ.get(var) or str(Path(__file__).resolve().parents[1] / ".interop" / tool / "bin" / "python")
+    if not os.access(path, os.X_OK):
+        pytest.skip(f"{tool} is not installed in its own virtualenv; run scripts/interop_envs.sh or set {var}")
+    return path

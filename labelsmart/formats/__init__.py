@@ -8,7 +8,7 @@ transaction: a file with an unknown class or a mask of the wrong size is one sen
 that import lands. Importing the same labels twice adds nothing.
 
 How each format says "unlabelled" (sparse scribbles stay sparse): ``png`` and ``voc`` masks hold 255 there (VOC's
-own "void"); ``coco`` has no annotation covering those pixels.
+own "void"); ``coco`` has no annotation covering those pixels, ``labelstudio`` no brush result.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from labelsmart.store import ImageRow, Revision, Store, StoreError
 
 # Each format is a module of this package with ``write(store, out, options, progress)`` and
 # ``read(store, path, index)``.
-FORMATS = ("png", "voc", "coco", "cvat")
+FORMATS = ("png", "voc", "coco", "labelstudio", "cvat")
 REVISIONS = ("current", "all")
 Progress = Callable[[int, int], None]  # (done, total)
 
@@ -49,7 +49,10 @@ class LabelledImage:
 
 @dataclass(frozen=True)
 class PredictedImage:
-    """The newest model's pre-annotation of an image nobody labelled, as ``--include predictions`` writes it."""
+    """The newest model's pre-annotation of an image nobody labelled, as ``--include predictions`` writes it.
+
+    They come in the project's image order (:meth:`Store.images`), as the labels do, so a format can merge both.
+    """
 
     image: ImageRow
     mask: np.ndarray  # (H, W) uint8 class ids of the prediction
@@ -209,9 +212,12 @@ class ImageIndex:
             self.by_stem.setdefault(Path(p).with_suffix("").as_posix(), []).append(i)
             self.by_stem.setdefault(Path(p).stem, []).append(i)
 
-    def find(self, name: str, source: object) -> int | None:
-        """The image id of ``name`` (a path, with or without its suffix); None for an unknown name when the index
-        skips those."""
+    def lookup(self, name: str, source: object) -> int | None:
+        """The image id of ``name`` (a path, with or without its suffix), or None when no image goes by it.
+
+        Raises:
+            FormatError: ``name`` fits several images.
+        """
         name = Path(name).as_posix()
         if name in self.by_path:
             return self.by_path[name]
@@ -220,8 +226,17 @@ class ImageIndex:
             return hits[0]
         if hits:
             raise FormatError(f"{source}: {name} matches {len(set(hits))} images of the project; name it by its path.")
-        if self.skip_unknown:
-            return None
+        return None
+
+    def find(self, name: str, source: object) -> int | None:
+        """The image id of ``name``; None for an unknown name when the index skips those.
+
+        Raises:
+            FormatError: an unknown name (when the index does not skip those), or one that fits several images.
+        """
+        image_id = self.lookup(name, source)
+        if image_id is not None or self.skip_unknown:
+            return image_id
         raise FormatError(f"{source}: {name} is not an image of this project; add the image or drop its labels.")
 
 
