@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import sys
 from pathlib import Path
 
@@ -46,7 +45,12 @@ def main(argv: list[str] | None = None) -> int:
     """Start the app; returns an exit code."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import gradio as gr
+    import uvicorn
+    from fastapi import FastAPI
+
     from labelsmart import config, demo
+    from labelsmart.app import ml_backend
     from labelsmart.app.layout import build_ui
     from labelsmart.app.session import Session
     from labelsmart.auth import AuthError, Users, is_loopback
@@ -82,21 +86,22 @@ def main(argv: list[str] | None = None) -> int:
     predictor = Predictor(store, cfg)
     predictor.refresh()
     demo_ui = build_ui(Session(cfg, store, predictor, supervisor))
-
-    def terminate(signum: int, _frame: object) -> None:
-        raise SystemExit(128 + signum)  # unwinds through launch() so the finally below stops the trainer
-
-    signal.signal(signal.SIGTERM, terminate)
-    try:
-        demo_ui.queue(default_concurrency_limit=4).launch(
-            server_name=cfg.host,
-            server_port=cfg.port,
-            share=False,
-            show_error=True,
-            quiet=False,
-            auth=users.check if users is not None else None,
-            auth_message=f"labelsmart · {cfg.project}: log in with your user name and password.",
-        )
+    check = users.check if users is not None else None
+    server = FastAPI(title=f"labelsmart · {cfg.project}")
+    # Label Studio's ML backend first: the page, mounted at the root, answers every other path.
+    server.include_router(ml_backend.router(ml_backend.LabelStudioBackend(store, predictor, cfg.author), check))
+    gr.mount_gradio_app(
+        server,
+        demo_ui.queue(default_concurrency_limit=4),
+        path="",
+        show_error=True,
+        auth=check,
+        auth_message=f"labelsmart · {cfg.project}: log in with your user name and password.",
+    )
+    url = f"http://{cfg.host}:{cfg.port}"
+    print(f"labelsmart on {url}  ·  Label Studio ML backend: {url}{ml_backend.PREFIX}", flush=True)
+    try:  # uvicorn ends on SIGINT and SIGTERM; the finally below then stops the trainer
+        uvicorn.run(server, host=cfg.host, port=cfg.port, log_level="warning")
     finally:
         if supervisor is not None:
             supervisor.stop()

@@ -16,7 +16,15 @@ saved; readers never block the writer.
 from __future__ import annotations
 
 from labelsmart.store.db import StoreError
-from labelsmart.store.images import DEFAULT_COLORS, ClassRow, ImageRow, file_sha1, load_classes_file, parse_color
+from labelsmart.store.images import (
+    DEFAULT_COLORS,
+    RECEIVED_PREFIX,
+    ClassRow,
+    ImageRow,
+    file_sha1,
+    load_classes_file,
+    parse_color,
+)
 from labelsmart.store.labels import ANY_REVISION, Labels, Revision, Snapshot, StaleRevisionError
 from labelsmart.store.registry import ModelRow, Registry, staging_dir, version_dir, version_name
 from labelsmart.store.scores import Scores
@@ -24,6 +32,7 @@ from labelsmart.store.scores import Scores
 __all__ = [
     "ANY_REVISION",
     "DEFAULT_COLORS",
+    "RECEIVED_PREFIX",
     "ClassRow",
     "ImageRow",
     "ModelRow",

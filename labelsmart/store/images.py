@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -69,6 +70,12 @@ class ClassRow:
     id: int
     name: str
     color: tuple[int, int, int]
+
+
+# Images received from another tool are named "@received/<file>" (no image under the image root starts with "@" in
+# practice); SAFE_NAME keeps their file names plain.
+RECEIVED_PREFIX = "@received/"
+SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 
 
 def file_sha1(path: Path, chunk: int = 1 << 20) -> str:
@@ -193,9 +200,43 @@ class Images(Messages):
         return r[0] if r else None
 
     def image_path(self, image_id: int) -> Path:
-        """Absolute path of an image."""
+        """Absolute path of an image (under the image root, or, received from another tool, the project folder)."""
+        rel = self.image(image_id).path
+        if rel.startswith(RECEIVED_PREFIX):
+            return self.received_dir / rel[len(RECEIVED_PREFIX) :]
         assert self.image_root is not None, "store opened without an image root"
-        return self.image_root / self.image(image_id).path
+        return self.image_root / rel
+
+    @property
+    def received_dir(self) -> Path:
+        """Where images another tool sent (Label Studio's uploads) are kept: the project folder, never the data."""
+        return Path(self.db_path).parent / "received"
+
+    def add_received_image(self, name: str, data: bytes) -> int:
+        """Keep an image another tool sent (a Label Studio upload) in the project and register it; returns its id.
+
+        ``name`` is reduced to a plain file name (no folders, no ``..``), so a sender cannot write outside
+        :attr:`received_dir`. An image received before under the same name is not written again.
+
+        Raises:
+            ImageError: ``data`` is not an image labelsmart reads (nothing is kept).
+        """
+        stem = SAFE_NAME.sub("_", Path(name.replace("\\", "/")).name).lstrip(".") or "image"
+        rel = RECEIVED_PREFIX + stem
+        known = self.image_id_by_path(rel)
+        if known is not None:
+            return known
+        path = self.received_dir / stem
+        imageio.atomic_write_bytes(path, data)
+        try:
+            h, w = imageio.read_image(path).shape[:2]
+        except imageio.ImageError:
+            path.unlink(missing_ok=True)
+            raise
+        self._insert_images([(rel, w, h, file_sha1(path), time.time())])
+        image_id = self.image_id_by_path(rel)
+        assert image_id is not None
+        return image_id
 
     def read_image(self, image_id: int) -> np.ndarray:
         """RGB pixels of an image."""
