@@ -23,12 +23,15 @@ from __future__ import annotations
 import base64
 import binascii
 import http.client
+import json
 import logging
 import os
+import re
 import threading
+import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urljoin, urlparse
@@ -47,6 +50,8 @@ log = logging.getLogger(__name__)
 PREFIX = "/labelstudio"
 MAX_IMAGE_BYTES = 256 << 20  # an image fetched from Label Studio; read_image refuses over 100 megapixels anyway
 FETCH_TIMEOUT_S = 30.0
+ACCESS_TTL_S = 240.0  # Label Studio's JWT access tokens live 5 minutes
+JWT = re.compile(r"^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+$")
 LABEL_EVENTS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED")
 
 
@@ -56,16 +61,56 @@ class BackendError(ValueError):
 
 @dataclass
 class Connection:
-    """Where Label Studio is and how to read its files: from ``/setup``, else ``LABEL_STUDIO_URL`` and
-    ``LABEL_STUDIO_API_KEY`` (as Label Studio's own ML backends read them)."""
+    """Where Label Studio is and how to read its files.
+
+    ``LABEL_STUDIO_URL`` and ``LABEL_STUDIO_API_KEY`` (as Label Studio's own ML backends read them) win over what
+    ``/setup`` sends (its ``hostname`` and the project owner's legacy token, which Label Studio 1.23 turns off by
+    default). The key may be a legacy token (sent as ``Token``) or a personal access token (a JWT: exchanged at
+    ``/api/token/refresh/`` for a short-lived access token, sent as ``Bearer``).
+    """
 
     url: str | None = None
     token: str | None = None
     config: ls.LabelConfig | None = None
+    _access: str | None = None
+    _access_at: float = 0.0
 
     @classmethod
-    def from_env(cls, env: dict[str, str] | os._Environ[str] = os.environ) -> Connection:
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> Connection:
         return cls(url=env.get("LABEL_STUDIO_URL") or None, token=env.get("LABEL_STUDIO_API_KEY") or None)
+
+    def absolute(self, url: str) -> str:
+        """``url`` on Label Studio's host when it is relative (``/data/upload/...``)."""
+        if urlparse(url).scheme:
+            return url
+        if not self.url:
+            raise BackendError(
+                f"{url}: labelsmart does not know where Label Studio is; connect the model in Label Studio "
+                "(it sends its address on /setup) or set LABEL_STUDIO_URL."
+            )
+        return urljoin(self.url.rstrip("/") + "/", url.lstrip("/"))
+
+    def headers(self, fresh: bool = False) -> dict[str, str]:
+        """The ``Authorization`` header for Label Studio's files and API (none without a token)."""
+        if not self.token:
+            return {}
+        if not JWT.match(self.token):
+            return {"Authorization": f"Token {self.token}"}
+        if fresh or self._access is None or time.time() - self._access_at > ACCESS_TTL_S:
+            body = json.dumps({"refresh": self.token}).encode()
+            req = urllib.request.Request(
+                self.absolute("/api/token/refresh/"), data=body, headers={"Content-Type": "application/json"}
+            )
+            try:
+                with urllib.request.urlopen(req, timeout=FETCH_TIMEOUT_S) as resp:  # noqa: S310 - Label Studio's URL
+                    self._access = str(json.loads(resp.read())["access"])
+            except (urllib.error.URLError, OSError, ValueError, KeyError, http.client.HTTPException) as exc:
+                raise BackendError(
+                    f"Label Studio at {self.url} did not accept LABEL_STUDIO_API_KEY as a personal access token "
+                    f"({exc}); copy a new one from Label Studio's Account & Settings page."
+                ) from exc
+            self._access_at = time.time()
+        return {"Authorization": f"Bearer {self._access}"}
 
 
 class LabelStudioBackend:
@@ -75,6 +120,7 @@ class LabelStudioBackend:
         self.store = store
         self.predictor = predictor
         self.author = author
+        self.env = Connection.from_env()
         self.connection = Connection.from_env()
         self._lock = threading.Lock()  # two fetches of one new image add it once
 
@@ -89,8 +135,11 @@ class LabelStudioBackend:
         """Check the labelling config against the classes and remember Label Studio's address and token."""
         config = ls.LabelConfig.parse(str(body.get("schema") or ""), "Label Studio's labelling config")
         self.match_classes(config)
-        host = body.get("hostname") or self.connection.url
-        self.connection = Connection(url=host, token=body.get("access_token") or self.connection.token, config=config)
+        self.connection = Connection(
+            url=self.env.url or body.get("hostname") or self.connection.url,
+            token=self.env.token or body.get("access_token") or self.connection.token,
+            config=config,
+        )
         return {"model_version": self.model_version()}
 
     def match_classes(self, config: ls.LabelConfig) -> None:
@@ -174,20 +223,14 @@ class LabelStudioBackend:
 
     def fetch(self, url: str) -> bytes:
         """The bytes of an image Label Studio serves (a relative URL is on Label Studio's host)."""
-        full = url
-        if not urlparse(url).scheme:
-            if not self.connection.url:
-                raise BackendError(
-                    f"{url}: labelsmart does not know where Label Studio is; connect the model in Label Studio "
-                    "(it sends its address on /setup) or set LABEL_STUDIO_URL."
-                )
-            full = urljoin(self.connection.url.rstrip("/") + "/", url.lstrip("/"))
-        headers = {"Authorization": f"Token {self.connection.token}"} if self.connection.token else {}
-        full = quote(full, safe=":/?&=%#@+,;~")  # a file name with spaces, as Label Studio's uploads keep them
+        full = quote(self.connection.absolute(url), safe=":/?&=%#@+,;~")  # Label Studio keeps spaces in names
         try:
-            req = urllib.request.Request(full, headers=headers)
-            with urllib.request.urlopen(req, timeout=FETCH_TIMEOUT_S) as resp:  # noqa: S310 - Label Studio's URL
-                data = resp.read(MAX_IMAGE_BYTES + 1)
+            try:
+                data = _get(full, self.connection.headers())
+            except urllib.error.HTTPError as exc:
+                if exc.code != 401 or not self.connection.token:
+                    raise
+                data = _get(full, self.connection.headers(fresh=True))  # an access token that just expired
         except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as exc:
             raise BackendError(
                 f"{full}: cannot fetch the image from Label Studio ({exc}); check LABEL_STUDIO_URL and "
@@ -214,6 +257,12 @@ class LabelStudioBackend:
         except (BackendError, FormatError, StoreError, StaleRevisionError, imageio.ImageError) as exc:
             log.error("Label Studio annotation not saved: %s", exc)
             self.store.add_event("error", "labelstudio", f"a Label Studio annotation was not saved: {exc}")
+
+
+def _get(url: str, headers: dict[str, str]) -> bytes:
+    req = urllib.request.Request(url, headers=headers)
+    with urllib.request.urlopen(req, timeout=FETCH_TIMEOUT_S) as resp:  # noqa: S310 - Label Studio's URL
+        return resp.read(MAX_IMAGE_BYTES + 1)
 
 
 def _annotated_tasks(body: dict[str, Any]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
