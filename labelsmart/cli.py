@@ -507,12 +507,25 @@ def _open_project_store(args: argparse.Namespace) -> tuple[config.Config, Store]
 
 
 def cmd_export_labels(args: argparse.Namespace) -> int:
-    """The project's labels, out in a format other tools read (png, voc, coco)."""
+    """The project's labels, out in a format other tools read (png, voc, coco, labelstudio, cvat)."""
     from tqdm import tqdm
 
     from labelsmart import formats
 
-    _, store = _open_project_store(args)
+    cfg, store = _open_project_store(args)
+    predictions = None
+    if args.include == "predictions":
+        from labelsmart.preannotate.project import unlabelled_predictions
+
+        predictions = unlabelled_predictions(store, cfg)
+    if (args.as_predictions or args.image_url) and args.format != "labelstudio":
+        raise CliError("--as-predictions and --image-url are options of --format labelstudio.")
+    options = formats.ExportOptions(
+        revisions=args.revisions,
+        predictions=predictions,
+        as_predictions=args.as_predictions,
+        image_url=args.image_url or "",
+    )
     with tqdm(desc=f"exporting {args.format}", unit="img", file=sys.stderr, dynamic_ncols=True, mininterval=0.5) as bar:
 
         def progress(done: int, total: int) -> None:
@@ -520,13 +533,13 @@ def cmd_export_labels(args: argparse.Namespace) -> int:
             bar.n = done
             bar.refresh()
 
-        n = formats.export_labels(store, args.format, Path(args.out), revisions=args.revisions, progress=progress)
+        n = formats.export_labels(store, args.format, Path(args.out), progress=progress, options=options)
     print(f"{n} label revisions of {len(store.images())} images in {args.out} ({args.format})")
     return EXIT_OK
 
 
 def cmd_import_labels(args: argparse.Namespace) -> int:
-    """Labels in: a png, voc or coco export (of labelsmart or another tool) as label revisions."""
+    """Labels in: an export in one of the formats (of labelsmart or another tool) as label revisions."""
     from labelsmart import formats
 
     _, store = _open_project_store(args)
@@ -542,18 +555,35 @@ def _add_labels(sub: SubParsers) -> None:
     e = sub.add_parser("export-labels", help="the project's labels in a format other tools read")
     e.add_argument("--dataset", required=True, help="the project's folder of images")
     e.add_argument("--workdir", help="project state folder (default DIR/.labelsmart)")
-    e.add_argument("--format", required=True, choices=FORMATS, help="png, voc (Pascal VOC) or coco (RLE)")
+    e.add_argument(
+        "--format", required=True, choices=FORMATS, help="png, voc (Pascal VOC), coco (RLE), labelstudio, cvat"
+    )
     e.add_argument("--out", required=True, help="a new (or empty) folder for the export")
     e.add_argument(
         "--revisions", choices=("current", "all"), default="current", help="current labels, or the whole history"
     )
+    e.add_argument(
+        "--include",
+        choices=("labels", "predictions"),
+        default="labels",
+        help="predictions: also the newest model's pre-annotations of images nobody labelled, marked as such",
+    )
+    e.add_argument(
+        "--as-predictions",
+        action="store_true",
+        help="labelstudio: the labels as predictions (with a model_version) instead of annotations",
+    )
+    e.add_argument(
+        "--image-url",
+        help="labelstudio: prefix of each task's image URL, e.g. /data/local-files/?d=images/ (default: none)",
+    )
     e.set_defaults(func=cmd_export_labels)
-    i = sub.add_parser("import-labels", help="labels in png, voc or coco as label revisions of the project")
+    i = sub.add_parser("import-labels", help="labels in one of those formats as label revisions of the project")
     i.add_argument("--dataset", required=True, help="the project's folder of images")
     i.add_argument("--workdir", help="project state folder (default DIR/.labelsmart)")
-    i.add_argument("--format", required=True, choices=FORMATS, help="png, voc or coco")
+    i.add_argument("--format", required=True, choices=FORMATS, help="png, voc, coco, labelstudio or cvat")
     i.add_argument("--author", help="recorded as the author of the imported revisions (default import)")
-    i.add_argument("path", help="the export folder (png, voc) or COCO JSON file (coco)")
+    i.add_argument("path", help="the export folder, or its JSON / XML / zip file (coco, labelstudio, cvat)")
     i.set_defaults(func=cmd_import_labels)
 
 

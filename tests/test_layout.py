@@ -29,8 +29,8 @@ ALLOWED = {
     "datasets": BASE | {"store"},
     "serving": BASE | {"store"},
     "training": BASE | {"store", "serving"},  # the sidecar it writes, the scoring after a round
-    "preannotate": BASE | {"serving", "formats"},  # COCO annotations
-    "app": BASE | {"store", "serving", "training", "formats"},  # training: the Supervisor's type only
+    "preannotate": BASE | {"store", "serving", "formats"},  # COCO annotations; a project's pre-annotations for export
+    "app": BASE | {"store", "serving", "training", "formats", "preannotate"},  # training: the Supervisor's type only
     "cli": BASE | {"store", "project", "datasets", "serving", "training", "preannotate", "formats", "auth"},
     "bench": BASE | {"store", "project", "datasets", "serving", "training", "preannotate", "formats", "app", "cli"},
     "__main__": {"cli", "bench"},

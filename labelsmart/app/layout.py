@@ -56,7 +56,13 @@ ORDER_CHOICES = [
     ("the next image in the list", "sequential"),
 ]
 
-EXPORT_FORMATS = [("PNG masks + classes.json", "png"), ("Pascal VOC", "voc"), ("COCO JSON (RLE)", "coco")]
+EXPORT_FORMATS = [
+    ("PNG masks + classes.json", "png"),
+    ("Pascal VOC", "voc"),
+    ("COCO JSON (RLE)", "coco"),
+    ("Label Studio tasks (brush RLE)", "labelstudio"),
+    ("CVAT (segmentation mask zip + XML)", "cvat"),
+]
 VERSION_HEADERS = ["version", "status", "labelled images", "labelled pixels", "val mIoU %", "steps", "seconds", "time"]
 
 
@@ -106,6 +112,9 @@ def build_ui(session: Session, poll_s: float = 2.0) -> Any:
                     export_format = gr.Dropdown(EXPORT_FORMATS, value="png", label="Format", elem_id="ls-export-format")
                     export_revisions = gr.Radio(
                         [("current labels", "current"), ("the whole history", "all")], value="current", label="What"
+                    )
+                    export_predictions = gr.Checkbox(
+                        False, label="Add the newest model's pre-annotations of unlabelled images (marked)"
                     )
                     export_btn = gr.Button("Export labels", elem_id="ls-export")
                     export_file = gr.File(label="Download", interactive=False, elem_id="ls-export-file")
@@ -296,16 +305,16 @@ def build_ui(session: Session, poll_s: float = 2.0) -> Any:
         )
         train_btn.click(session.train_now, outputs=[save_msg], api_name="train_now")
 
-        def export_labels(fmt: str, revisions: str, progress: gr.Progress = gr.Progress()) -> tuple:
+        def export_labels(fmt: str, revisions: str, predictions: bool, progress: gr.Progress = gr.Progress()) -> tuple:
             def step(done: int, total: int) -> None:
                 progress((done, total), desc="exporting labels", unit="images")
 
-            path, msg = session.export_labels(fmt, revisions, step)
+            path, msg = session.export_labels(fmt, revisions, step, include_predictions=bool(predictions))
             return path, msg
 
         export_btn.click(
             export_labels,
-            inputs=[export_format, export_revisions],
+            inputs=[export_format, export_revisions, export_predictions],
             outputs=[export_file, export_msg],
             api_name="export_labels",
         )

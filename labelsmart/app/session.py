@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 STATE_MARK = {"labelled": "●", "pre-annotated": "◐", "unlabelled": "○"}
 HEARTBEAT_STALE_S = 20.0
+EXPORT_KEEP_S = 3600.0  # export zips older than this are removed at the next export
 
 
 def hex_color(rgb: tuple[int, int, int] | list[int]) -> str:
@@ -81,6 +82,7 @@ class Session:
         self.store = store
         self.predictor = predictor
         self.supervisor = supervisor
+        self._exports: Path | None = None  # export zips to download, made on the first export
 
     # ------------------------------------------------------------------------------------- classes
 
@@ -434,25 +436,57 @@ class Session:
     # -------------------------------------------------------------------------------------- export
 
     def export_labels(
-        self, fmt: str, revisions: str = "current", progress: Callable[[int, int], None] | None = None
+        self,
+        fmt: str,
+        revisions: str = "current",
+        progress: Callable[[int, int], None] | None = None,
+        include_predictions: bool = False,
     ) -> tuple[str | None, str]:
-        """The project's labels in ``fmt`` as a zip to download: ``(zip path or None, message)``."""
-        import shutil
-        import tempfile
+        """The project's labels in ``fmt`` as a zip to download: ``(zip path or None, message)``.
 
-        from labelsmart.formats import FormatError, export_labels
+        The zips go to one temporary folder of this session (Gradio copies a download into its own cache); zips
+        older than an hour are removed at the next export, and the folder when the app ends.
+        """
+        import shutil
+
+        from labelsmart.formats import ExportOptions, FormatError, export_labels
 
         stamp = time.strftime("%Y%m%d-%H%M%S")
         name = f"{self.cfg.project}-labels-{fmt}-{stamp}"
-        work = Path(tempfile.mkdtemp(prefix="labelsmart-export-"))  # a temp folder, which Gradio may serve
+        work = self._export_folder()
         try:
-            n = export_labels(self.store, fmt, work / name, revisions=revisions, progress=progress)
+            predictions = None
+            if include_predictions:
+                from labelsmart.preannotate.project import unlabelled_predictions
+
+                predictions = unlabelled_predictions(self.store, self.cfg)
+            options = ExportOptions(revisions=revisions, predictions=predictions)
+            n = export_labels(self.store, fmt, work / name, progress=progress, options=options)
         except FormatError as exc:
-            shutil.rmtree(work, ignore_errors=True)
             return None, f"⚠️ {exc}"
-        archive = shutil.make_archive(str(work / name), "zip", root_dir=work, base_dir=name)
-        shutil.rmtree(work / name, ignore_errors=True)
-        return archive, f"Exported {n} label revisions ({fmt}, {revisions}) as {Path(archive).name}."
+        try:
+            archive = shutil.make_archive(str(work / name), "zip", root_dir=work, base_dir=name)
+        finally:
+            shutil.rmtree(work / name, ignore_errors=True)
+        extra = " with pre-annotations" if include_predictions else ""
+        return archive, f"Exported {n} label revisions ({fmt}, {revisions}){extra} as {Path(archive).name}."
+
+    def _export_folder(self) -> Path:
+        """This session's folder for export zips, cleared of zips older than an hour."""
+        import atexit
+        import shutil
+        import tempfile
+
+        if self._exports is None:
+            self._exports = Path(tempfile.mkdtemp(prefix="labelsmart-export-"))
+            atexit.register(shutil.rmtree, self._exports, True)
+        for old in self._exports.iterdir():
+            if time.time() - old.stat().st_mtime > EXPORT_KEEP_S:
+                if old.is_dir():
+                    shutil.rmtree(old, ignore_errors=True)
+                else:
+                    old.unlink(missing_ok=True)
+        return self._exports
 
     # ------------------------------------------------------------------------------------- trainer
 

@@ -4,8 +4,11 @@ Layout: ``coco.json`` with ``images`` (``file_name`` = the path relative to the 
 ``categories`` (id = class id + 1, as COCO reserves 0) and ``annotations`` (``segmentation`` RLE, ``area``,
 ``bbox``, ``iscrowd`` 1: a class's pixels in an image are one region, not one object). Unlabelled pixels are in
 no annotation. With ``--revisions all`` every revision is there, each annotation carrying ``revision``,
-``author``, ``source``, ``created_at`` and ``current``. Pre-annotations (``preannotate --coco``) use the same
-annotations. Reading takes RLE (compressed or not) and polygons, through pycocotools' own ``COCO`` index.
+``author``, ``source``, ``created_at`` and ``current``. With ``--include predictions`` the newest model's
+pre-annotations of the images nobody labelled are there too, each annotation marked ``"prediction": true`` with its
+``model_version`` and ``score`` (the mean confidence over its region); reading leaves them out. Pre-annotations
+(``preannotate --coco``) use the same annotations. Reading takes RLE (compressed or not) and polygons, through
+pycocotools' own ``COCO`` index.
 """
 
 from __future__ import annotations
@@ -79,7 +82,9 @@ def write(store: Store, out: Path, options: ExportOptions, progress: Progress | 
         JsonArrayWriter(fh).write(
             {"id": image_ids[img.id], "file_name": img.path, "height": img.height, "width": img.width}
             for img in rows
-            if img.labelled_pixels > 0 or (revisions == "all" and store.current_revision(img.id) is not None)
+            if img.labelled_pixels > 0
+            or (revisions == "all" and store.current_revision(img.id) is not None)
+            or options.predictions is not None
         )
         fh.write('], "annotations": [')
         anns = JsonArrayWriter(fh)
@@ -95,6 +100,15 @@ def write(store: Store, out: Path, options: ExportOptions, progress: Progress | 
             if progress is not None and item.image.id != last:
                 last, done = item.image.id, done + 1
                 progress(done, len(rows))
+        if options.predictions is not None:
+            for pred in options.predictions():
+                extra = {"prediction": True, "model_version": pred.model_version}
+                first = anns.count + 1
+                found = mask_annotations(pred.mask, len(classes), image_ids[pred.image.id], first, **extra)
+                for ann in found:
+                    region = pred.mask == ann["category_id"] - 1
+                    ann["score"] = round(float(pred.confidence[region].mean()), 4)
+                anns.write(found)
         fh.write("]}\n")
         fh.flush()
         os.fsync(fh.fileno())
@@ -125,7 +139,7 @@ def read(store: Store, path: Path, index: ImageIndex) -> Iterator[tuple[int | No
         h, w = int(info["height"]), int(info["width"])
         mask = np.full((h, w), 255, np.uint8)
         anns = coco.loadAnns(coco.getAnnIds(imgIds=[coco_id]))
-        anns = [a for a in anns if a.get("current", True)]
+        anns = [a for a in anns if a.get("current", True) and not a.get("prediction")]
         for ann in sorted(anns, key=lambda a: int(a["id"])):
             if int(ann["category_id"]) not in names:
                 raise FormatError(

@@ -3,13 +3,16 @@
 Layout: ``<image path without suffix>.png`` (class ids; 255 = unlabelled; the palette gives each class its
 colour, so the masks also look right in an image viewer) and ``classes.json`` (``[{"id", "name", "color"}]``,
 the classes file ``--classes`` reads). With ``--revisions all``: ``revisions/<image path without suffix>/<id>.png``
-for every revision and ``revisions.jsonl`` (image, revision, author, source, time, labelled pixels, current).
+for every revision and ``revisions.jsonl`` (image, revision, author, source, time, labelled pixels, current). With
+``--include predictions``: ``predictions/<image path without suffix>.png`` (the newest model's masks, every pixel a
+class) and ``predictions.jsonl`` (image, mask, model version, mean confidence) for the images nobody labelled;
+reading skips both folders.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +22,7 @@ from labelsmart.formats import (
     ExportOptions,
     FormatError,
     ImageIndex,
+    PredictedImage,
     Progress,
     class_table,
     labelled_images,
@@ -29,6 +33,8 @@ from labelsmart.store import Store, StoreError, load_classes_file
 
 CLASSES_NAME = "classes.json"
 HISTORY_NAME = "revisions.jsonl"
+PREDICTIONS_DIR = Path("predictions")
+PREDICTIONS_NAME = "predictions.jsonl"
 
 
 def mask_name(image_path: str) -> Path:
@@ -70,10 +76,31 @@ def write(store: Store, out: Path, options: ExportOptions, progress: Progress | 
         if progress is not None and item.image.id != last:
             last, done = item.image.id, done + 1
             progress(done, total)
+    if options.predictions is not None:
+        write_predictions(out, options.predictions(), colors)
     imageio.atomic_write_bytes(out / CLASSES_NAME, (json.dumps(class_table(store), indent=2) + "\n").encode())
     if revisions == "all":
         imageio.atomic_write_bytes(out / HISTORY_NAME, "".join(json.dumps(h) + "\n" for h in history).encode())
     return n
+
+
+def write_predictions(out: Path, predictions: Iterable[PredictedImage], colors: list[tuple[int, int, int]]) -> int:
+    """``predictions/<image path without suffix>.png`` and ``predictions.jsonl`` (image, mask, model version, mean
+    confidence) for the pre-annotations; returns how many."""
+    rows = []
+    for pred in predictions:
+        rel = PREDICTIONS_DIR / mask_name(pred.image.path)
+        imageio.atomic_write_bytes(out / rel, imageio.palette_png_bytes(pred.mask, colors))
+        rows.append(
+            {
+                "image": pred.image.path,
+                "mask": rel.as_posix(),
+                "model_version": pred.model_version,
+                "score": round(float(pred.score), 4),
+            }
+        )
+    imageio.atomic_write_bytes(out / PREDICTIONS_NAME, "".join(json.dumps(r) + "\n" for r in rows).encode())
+    return len(rows)
 
 
 def read_masks(
@@ -92,7 +119,7 @@ def read_masks(
     k = len(store.classes())
     for path in sorted(masks.rglob("*.png")):
         rel = path.relative_to(masks)
-        if rel.parts[0] == "revisions":
+        if rel.parts[0] in ("revisions", PREDICTIONS_DIR.name):  # the history, the pre-annotations: not labels
             continue
         try:
             mask = imageio.read_mask(path, num_classes=None if names is not None else k)
