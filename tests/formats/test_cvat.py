@@ -1,13 +1,13 @@
 """The ``cvat`` format: CVAT's Segmentation mask zip and CVAT for images XML, checked with an RLE decoder written
 from CVAT's definition, round trips between projects, the files CVAT itself writes, and Datumaro's own readers
-(in their own virtualenv, ``LABELSMART_DATUMARO_PYTHON``)."""
+(in their own virtualenv: ``.interop/datumaro`` or ``LABELSMART_DATUMARO_PYTHON``, as conftest's
+``interop_python`` finds it)."""
 
 from __future__ import annotations
 
 import io
 import json
 import logging
-import os
 import subprocess
 import textwrap
 import xml.etree.ElementTree as ET
@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import test_formats
-from conftest import CLASSES, scribbles
+from conftest import CLASSES, interop_python, scribbles
 from PIL import Image
 from test_formats import _project, current_masks
 
@@ -341,17 +341,10 @@ print(json.dumps(out))
 """
 
 
-def _datumaro_python() -> str:
-    path = os.environ.get("LABELSMART_DATUMARO_PYTHON", "")
-    if not path or not os.path.isfile(path) or not os.access(path, os.X_OK):
-        pytest.skip("Datumaro is not installed here: set LABELSMART_DATUMARO_PYTHON to the python of its virtualenv")
-    return path
-
-
 @pytest.mark.interop
 @pytest.mark.parametrize("colours", ["own", "black and repeated"])
 def test_datumaro_reads_the_zip_and_the_xml_as_our_masks(tmp_path: Path, colours: str):
-    python = _datumaro_python()
+    python = interop_python("datumaro")
     classes = CLASSES if colours == "own" else [{"name": c["name"], "color": [0, 0, 0]} for c in CLASSES]
     _, store = _project(tmp_path, "c", classes=classes)
     _label(store, tmp_path / "data")
