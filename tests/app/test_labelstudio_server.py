@@ -24,6 +24,7 @@ from PIL import Image
 from test_session import launch_app, stop_app, wait_for
 
 from labelsmart import config
+from labelsmart.formats import ExportOptions, export_labels, import_labels
 from labelsmart.formats import labelstudio as ls
 from labelsmart.project import open_project
 from labelsmart.store import Store
@@ -191,6 +192,22 @@ def test_label_studio_uses_labelsmart_as_its_model(tmp_path: Path):
             before = _train_now_requests(store)
             server.call("POST", f"/api/ml/{ml['id']}/train", {})
             wait_for(lambda: _train_now_requests(store) > before, 30, "Start training to reach labelsmart")
+
+            # Labels out to Label Studio and back: its own import takes our tasks (history included), and what its
+            # own JSON export gives back imports into a new labelsmart project as the same masks.
+            export_labels(store, "labelstudio", tmp_path / "out", options=ExportOptions(revisions="all"))
+            other = server.call("POST", "/api/projects/", {"title": "imported", "label_config": xml})["id"]
+            tasks_out = json.loads((tmp_path / "out" / ls.TASKS_NAME).read_text())
+            server.call("POST", f"/api/projects/{other}/import", tasks_out)
+            exported = server.call("GET", f"/api/projects/{other}/export?exportType=JSON")
+            assert len(exported) == len(tasks_out)
+            (tmp_path / "from-ls.json").write_text(json.dumps(exported))
+            fresh = open_project(config.load({"dataset": str(data), "workdir": str(tmp_path / "b")}, env={}))
+            assert import_labels(fresh, "labelstudio", tmp_path / "from-ls.json") == 2
+            for row in (first, known):
+                assert np.array_equal(
+                    fresh.current_label(fresh.image_id_by_path(row.path)), store.current_label(row.id)
+                )
         finally:
             stop_app(proc)
     finally:
