@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import html
 import json
+import os
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
+from gradio import processing_utils
 
 from labelsmart.app.session import Session, hex_color
 
@@ -66,6 +70,26 @@ EXPORT_FORMATS = [
 VERSION_HEADERS = ["version", "status", "labelled images", "labelled pixels", "val mIoU %", "steps", "seconds", "time"]
 
 
+def _save_pil_to_cache(img: Any, cache_dir: str, name: str = "image", format: str = "webp") -> str:  # noqa: A002
+    """Gradio 6.31's ``processing_utils.save_pil_to_cache``, written through a temporary file and ``os.replace``.
+
+    Gradio names a cached image by the hash of its bytes and rewrites the file in place on every call, so when two
+    annotators open the same image at once, one download can read the file while the other request truncates and
+    rewrites it (h11: "Too little data for declared Content-Length"; found by ``bench load``). The same bytes make
+    the same file, so a file already there is kept, and a new one appears whole or not at all.
+    """
+    data = processing_utils.encode_pil_to_bytes(img, format)
+    folder = Path(cache_dir) / processing_utils.hash_bytes(data)
+    folder.mkdir(exist_ok=True, parents=True)
+    path = (folder / f"{name}.{format}").resolve()
+    if not path.exists():
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.")
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    return str(path)
+
+
 def build_ui(session: Session, poll_s: float = 2.0) -> Any:
     """All layout and wiring of the labelling page. Returns a ``gr.Blocks``; the caller launches it.
 
@@ -74,6 +98,7 @@ def build_ui(session: Session, poll_s: float = 2.0) -> Any:
     the page reads top to bottom here as it looks, and every handler it calls is a plain, tested method of
     :class:`Session`.
     """
+    processing_utils.save_pil_to_cache = _save_pil_to_cache  # see there: several annotators on one image
 
     def brush() -> gr.Brush:
         colors = [hex_color(c) for c in session.colors()] or ["#000000"]

@@ -1,4 +1,4 @@
-"""The ``bench`` commands of ``python -m labelsmart``: serve, preannotate, loop, label-efficiency.
+"""The ``bench`` commands of ``python -m labelsmart``: serve, preannotate, loop, label-efficiency, load.
 
 The product's CLI (:mod:`labelsmart.cli`) knows nothing of them: :func:`register` adds them to its parser, and
 :func:`main` is the whole program, product and benchmarks, that ``python -m labelsmart`` runs. Each benchmark
@@ -220,6 +220,26 @@ def cmd_bench_preannotate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_bench_load(args: argparse.Namespace) -> int:
+    """Several annotators at once through the page's API while the trainer trains: lost revisions, latencies."""
+    from labelsmart.bench import load
+
+    if args.clients < 1 or args.ops < 2:
+        raise CliError(f"--clients {args.clients} --ops {args.ops}: give 1 or more clients and 2 or more calls each.")
+    if not Path(args.dataset).is_dir():
+        raise CliError(f"{args.dataset}: not a folder; pass --dataset a folder of images.")
+    result = load.run_load(Path(args.dataset), Path(args.out) / "run", args.clients, args.ops)
+    path = load.write_results(result, Path(args.out))
+    print(load.format_table(result))
+    print(
+        f"{result['clients']} clients x {result['ops_per_client']} calls in {result['wall_s']:.0f} s: "
+        f"{result['saves']} saves, {result['refused']} refused in words, {len(result['lost'])} lost, "
+        f"{len(result['wrong'])} unexplained; published versions {result['published_versions']}"
+    )
+    print(f"results: {path}")
+    return EXIT_OK if not result["lost"] and not result["wrong"] else 1
+
+
 def _parse_settings(items: Sequence[str] | None, example: str) -> dict[str, str]:
     """``--set SECTION.FIELD=VALUE`` flags as a dict; raises :class:`CliError` on anything else."""
     overrides: dict[str, str] = {}
@@ -301,6 +321,12 @@ def register(sub: SubParsers) -> None:
     le.add_argument("--in-process", dest="in_process", action="store_true", help="run cells in this process")
     le.add_argument("--out", required=True, help="output folder: results.jsonl, table.md, plot (resumable)")
     le.set_defaults(func=cmd_bench_label_efficiency)
+    ld = bsub.add_parser("load", help="several annotators at once through the page's API while the trainer trains")
+    ld.add_argument("--dataset", required=True, help="folder of images (a copy of the project is made in --out)")
+    ld.add_argument("--clients", type=int, default=8, help="concurrent clients, two per image (default 8)")
+    ld.add_argument("--ops", type=int, default=200, help="API calls per client (default 200)")
+    ld.add_argument("--out", required=True, help="output folder: load.json, and the run's project state")
+    ld.set_defaults(func=cmd_bench_load)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
