@@ -43,7 +43,7 @@ from labelsmart import imageio
 from labelsmart.formats import FormatError, ImageIndex
 from labelsmart.formats import labelstudio as ls
 from labelsmart.serving.predictor import Predictor
-from labelsmart.store import StaleRevisionError, Store, StoreError
+from labelsmart.store import Store, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -248,15 +248,24 @@ class LabelStudioBackend:
             image = self.store.image(image_id)
             classes = {c.name: c.id for c in self.store.classes()}
             source = f"Label Studio task {task.get('id')}, annotation {annotation.get('id')}"
-            mask = ls.mask_from_results(annotation.get("result") or [], classes, image.height, image.width, source)
+            results = [r for r in annotation.get("result") or [] if isinstance(r, dict)]
+            if not any(str(r.get("type", "")).lower() == "brushlabels" for r in results):
+                log.info(
+                    "%s: task %s has no brush strokes; labelsmart's labels stay as they are", action, task.get("id")
+                )
+                return  # rectangles or an emptied annotation: never a reason to drop labels here
+            mask = ls.mask_from_results(results, classes, image.height, image.width, source)
             current = self.store.current_label(image_id)
             if current is not None and (current == mask).all():
                 return
             rev = self.store.save_label(image_id, mask, author=_author(annotation, self.author), source="labelstudio")
             log.info("%s: task %s is revision %d of %s", action, task.get("id"), rev, image.path)
-        except (BackendError, FormatError, StoreError, StaleRevisionError, imageio.ImageError) as exc:
-            log.error("Label Studio annotation not saved: %s", exc)
-            self.store.add_event("error", "labelstudio", f"a Label Studio annotation was not saved: {exc}")
+        except Exception as exc:  # noqa: BLE001 - after the response nobody else sees it: it must reach the page
+            log.exception("Label Studio annotation of task %s not saved", task.get("id"))
+            try:
+                self.store.add_event("error", "labelstudio", f"a Label Studio annotation was not saved: {exc}")
+            except Exception:  # noqa: BLE001 - a store that cannot even record it: the log has it
+                log.exception("could not record the event")
 
 
 def _get(url: str, headers: dict[str, str]) -> bytes:

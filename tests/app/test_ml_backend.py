@@ -193,3 +193,19 @@ def test_the_app_serves_the_page_and_the_backend_on_one_port(tiny_dataset: Path,
             assert b"gradio" in r.read().lower()
     finally:
         stop_app(proc)
+
+
+def test_an_annotation_without_brush_strokes_leaves_the_labels_alone(served):
+    store, _, client = served
+    row = store.images()[2]
+    mask = np.full((row.height, row.width), 255, np.uint8)
+    mask[:5, :5] = 1
+    store.save_label(row.id, mask, author="alice")
+    rect = {"type": "rectanglelabels", "value": {"x": 1, "y": 1, "width": 5, "height": 5, "rectanglelabels": ["sky"]}}
+    body = {
+        "action": "ANNOTATION_UPDATED",
+        "annotation": {"result": [rect]},
+        "task": {"id": 3, "data": {"image": row.path}},
+    }
+    assert client.post("/labelstudio/webhook", json=body).status_code == 200
+    assert len(store.history(row.id)) == 1 and np.array_equal(store.current_label(row.id), mask)
