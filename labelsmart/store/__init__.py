@@ -10,12 +10,13 @@
 
 :class:`Store` is all of them over one database: the parts share its connections, so a caller holds one
 object and every logical change is still one transaction. A crash of any process loses nothing that was
-saved; readers never block the writer.
+saved; readers never block the writer. A full disk or a lock held by another program past the busy timeout
+fails the write with one sentence (:class:`StoreFullError`, :class:`StoreLockedError`) and writes nothing.
 """
 
 from __future__ import annotations
 
-from labelsmart.store.db import StoreError
+from labelsmart.store.db import StoreError, StoreFullError, StoreLockedError
 from labelsmart.store.images import (
     DEFAULT_COLORS,
     RECEIVED_PREFIX,
@@ -41,6 +42,8 @@ __all__ = [
     "StaleRevisionError",
     "Store",
     "StoreError",
+    "StoreFullError",
+    "StoreLockedError",
     "file_sha1",
     "load_classes_file",
     "parse_color",

@@ -2,6 +2,10 @@
 
 Every logical change is one transaction, so a crash of any process loses nothing that was saved. Each
 process (and each thread) opens its own connection; readers never block the writer.
+
+A write that cannot land is one sentence naming the file: :class:`StoreFullError` when the disk is full
+(SQLite has rolled the transaction back, so nothing of it is on disk), :class:`StoreLockedError` when another
+program holds the write lock for longer than the busy timeout (``BUSY_TIMEOUT_S``).
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+BUSY_TIMEOUT_S = 30.0  # how long a write waits for another connection's lock before it gives up
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -47,12 +53,43 @@ class StoreError(ValueError):
     """A request the store refuses, with a sentence a user can act on."""
 
 
+class StoreFullError(StoreError):
+    """The disk holding the database is full: the change was rolled back; earlier ones are safe."""
+
+
+class StoreLockedError(StoreError):
+    """Another program held the database's write lock past the busy timeout; the change was not written."""
+
+
+def _write_error(db_path: Path, exc: sqlite3.OperationalError, timeout_s: float) -> StoreError | None:
+    """The sentence for a write SQLite refused because the disk is full or the file is locked; None otherwise."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    primary = code & 0xFF if isinstance(code, int) else None  # extended codes (SQLITE_BUSY_SNAPSHOT...) too
+    if primary == sqlite3.SQLITE_FULL:
+        return StoreFullError(
+            f"the disk holding {db_path} is full; free space and save again (this change was not written, "
+            "everything saved before it is safe)."
+        )
+    if primary in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+        return StoreLockedError(
+            f"{db_path} is locked by another program (waited {timeout_s:g} s); close it and save again "
+            "(this change was not written)."
+        )
+    return None
+
+
 class Database:
     """One SQLite file, with a connection per thread. The store's parts (images, labels, registry, messages,
     scores) are built on it and share its connections, so one transaction may span several of them."""
 
-    def __init__(self, db_path: Path, image_root: Path | None = None) -> None:
+    def __init__(self, db_path: Path, image_root: Path | None = None, busy_timeout_s: float | None = None) -> None:
+        """Open (and create) the database.
+
+        Args:
+            busy_timeout_s: how long a write waits for another connection's lock (default ``BUSY_TIMEOUT_S``).
+        """
         self.db_path = Path(db_path)
+        self.busy_timeout_s = BUSY_TIMEOUT_S if busy_timeout_s is None else float(busy_timeout_s)
         self.db_path.parent.mkdir(parents=True, exist_ok=True)
         self.image_root = Path(image_root) if image_root is not None else None
         self._local = threading.local()
@@ -61,26 +98,40 @@ class Database:
     def _con(self) -> sqlite3.Connection:
         con = getattr(self._local, "con", None)
         if con is None:
-            con = sqlite3.connect(self.db_path, timeout=30.0, isolation_level=None, check_same_thread=False)
+            con = sqlite3.connect(
+                self.db_path, timeout=self.busy_timeout_s, isolation_level=None, check_same_thread=False
+            )
             con.execute("PRAGMA journal_mode=WAL")
             con.execute("PRAGMA synchronous=NORMAL")
-            con.execute("PRAGMA busy_timeout=30000")
+            con.execute(f"PRAGMA busy_timeout={int(self.busy_timeout_s * 1000)}")
             con.execute("PRAGMA foreign_keys=ON")
             self._local.con = con
         return con
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction (``BEGIN IMMEDIATE``): all of it lands, or none of it."""
+        """One write transaction (``BEGIN IMMEDIATE``): all of it lands, or none of it.
+
+        Raises:
+            StoreFullError: the disk is full; nothing of the transaction was written.
+            StoreLockedError: another program held the write lock past the busy timeout; nothing was written.
+        """
         con = self._con()
-        con.execute("BEGIN IMMEDIATE")
         try:
-            yield con
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
-        else:
-            con.execute("COMMIT")
+            con.execute("BEGIN IMMEDIATE")
+            try:
+                yield con
+                con.execute("COMMIT")
+            except BaseException:
+                # SQLite rolls back by itself on some errors (SQLITE_FULL); a second ROLLBACK would hide them.
+                if con.in_transaction:
+                    con.execute("ROLLBACK")
+                raise
+        except sqlite3.OperationalError as exc:
+            error = _write_error(self.db_path, exc, self.busy_timeout_s)
+            if error is None:
+                raise
+            raise error from exc
 
     @contextmanager
     def reading(self) -> Iterator[sqlite3.Connection]:
