@@ -11,11 +11,14 @@ engine in :mod:`labelsmart.preannotate.ray_engine`), so both write byte-identica
 :func:`run_local` runs them as a bounded pipeline: a pool of threads decodes ahead of inference and
 encodes/writes behind it (OpenCV, NumPy and ONNX Runtime release the GIL), so however many images there
 are, at most a few batches are in memory. :func:`plan` decides what to do (resume, stem collisions);
-:func:`labelsmart.preannotate.coco.write_coco` turns the finished masks into one COCO JSON file.
+:func:`labelsmart.preannotate.coco.write_coco` turns the finished masks into one COCO JSON file. A full disk
+stops a run with :class:`OutputFullError`: every file is written atomically and an image's manifest line
+follows its files, so the same command run again goes on where it stopped.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import threading
@@ -23,6 +26,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
@@ -38,6 +42,30 @@ if TYPE_CHECKING:
 
 MANIFEST_NAME = "manifest.jsonl"
 ERRORS_NAME = "errors.jsonl"
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)  # the disk, or the user's quota of it, is full
+
+
+class OutputFullError(ValueError):
+    """The disk holding the output folder is full: the run stops, with one sentence naming the folder.
+
+    Nothing half-written stays (files are written atomically) and the image whose write failed has no manifest
+    line, so the same command run again after freeing space does it and the rest.
+    """
+
+
+@contextmanager
+def stop_when_full(out: Path, what: str) -> Iterator[None]:
+    """Turn a full disk (``ENOSPC``, ``EDQUOT``) met inside into :class:`OutputFullError`; ``what`` says what
+    did not land ("a/b.png was not written")."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in DISK_FULL_ERRNOS:
+            raise
+        raise OutputFullError(
+            f"the disk holding {out} is full, so the run stopped ({what}); free space and run the "
+            "same command again: it goes on where it stopped."
+        ) from exc
 
 
 @dataclass(frozen=True)
@@ -240,12 +268,19 @@ def run_local(
     does it inside ONNX Runtime (:meth:`~labelsmart.serving.onnx_model.OnnxModel.masks`), the winner on a GPU, where
     the host would otherwise resize every class's logits; images then batch by padded, working and
     original size together.
+
+    Raises:
+        OutputFullError: the disk filled up; the images reported so far are done, the rest are not.
     """
     if postprocess not in ("host", "graph"):
         raise ValueError(f"postprocess {postprocess!r}: use host or graph.")
     cv2.setNumThreads(1)  # the pipeline's threads are the parallelism; OpenCV's own pool would oversubscribe
     with ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="preannotate-io") as pool:
-        _LocalPipeline(model, images, out, on_outcome, pool, batch, io_threads, overlays, postprocess).run(todo)
+        try:
+            _LocalPipeline(model, images, out, on_outcome, pool, batch, io_threads, overlays, postprocess).run(todo)
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)  # stop at once: queued reads and writes never start
+            raise
 
 
 class _LocalPipeline:
@@ -302,7 +337,10 @@ class _LocalPipeline:
 
     def _finish_write(self, rel: Path, fut: Future[dict[str, Any]]) -> None:
         try:
-            record = fut.result()
+            with stop_when_full(self.out, f"the outputs of {rel.as_posix()} were not written"):
+                record = fut.result()
+        except OutputFullError:
+            raise
         except OSError as exc:
             self.on_outcome(Outcome(rel, error=WRITE_FAILED.format(exc, self.out)))
         except Exception as exc:  # noqa: BLE001 - one image's bad output must not stop the run
@@ -363,7 +401,7 @@ class Journal:
 
     A manifest line is written only after the image's files landed; lines are flushed at once and made
     durable (fsync) every ``sync_every`` lines and on close. After a crash, images whose line did not reach
-    the disk are simply done again by the next run.
+    the disk are simply done again by the next run; a full disk is :class:`OutputFullError`.
     """
 
     def __init__(self, out: Path, overwrite: bool, sync_every: int = 64) -> None:
@@ -384,7 +422,10 @@ class Journal:
 
     def record(self, record: dict[str, Any]) -> None:
         """Append one image's manifest line."""
-        with self._lock:
+        with (
+            self._lock,
+            stop_when_full(self.manifest_path.parent, f"the manifest line of {record.get('image')} was not written"),
+        ):
             self._manifest.write(json.dumps(record) + "\n")
             self._manifest.flush()
             self._unsynced += 1
@@ -394,7 +435,7 @@ class Journal:
 
     def error(self, rel: Path, message: str) -> None:
         """Append one failed image to ``errors.jsonl`` (durable at once: errors are rare)."""
-        with self._lock:
+        with self._lock, stop_when_full(self.errors_path.parent, f"the error line of {rel.as_posix()} was not written"):
             if self._errors is None:
                 self._errors = open(self.errors_path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
             self._errors.write(json.dumps({"image": rel.as_posix(), "error": message, "time": time.time()}) + "\n")
@@ -402,13 +443,18 @@ class Journal:
             os.fsync(self._errors.fileno())
 
     def close(self) -> None:
-        """Make everything durable and close the files."""
-        with self._lock:
-            for fh in (self._manifest, self._errors):
-                if fh is not None and not fh.closed:
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                    fh.close()
+        """Make everything durable and close the files (both, even when the disk is full)."""
+        with (
+            self._lock,
+            stop_when_full(self.manifest_path.parent, "the manifest was not closed"),
+            ExitStack() as closing,
+        ):
+            files = [fh for fh in (self._manifest, self._errors) if fh is not None and not fh.closed]
+            for fh in files:
+                closing.callback(fh.close)
+            for fh in files:
+                fh.flush()
+                os.fsync(fh.fileno())
 
 
 def repair_jsonl(path: Path) -> None:
