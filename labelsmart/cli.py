@@ -64,10 +64,20 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
     return (CliError, ImageError, StoreError, ProjectError, ValueError, FileNotFoundError)
 
 
+def _disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` is a write that failed because the disk (or the user's quota) is full."""
+    from labelsmart.preannotate.pipeline import DISK_FULL_ERRNOS
+
+    return isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS
+
+
 def _one_line(exc: BaseException) -> str:
     """The user-facing sentence of an exception, on one line."""
     if isinstance(exc, FileNotFoundError) and exc.filename:
         return f"{exc.filename}: not found; check the path."
+    if _disk_full(exc):
+        where = getattr(exc, "filename", None) or "a file"
+        return f"{where}: the disk is full, so it was not written; free space and run the command again."
     text = " ".join(str(exc).split())
     return text or type(exc).__name__
 
@@ -645,5 +655,11 @@ def main(argv: Sequence[str] | None = None, command_groups: Sequence[CommandGrou
         return EXIT_INTERRUPTED
     except _user_error_types() as exc:
         log.debug("user error", exc_info=True)
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_FAILED
+    except OSError as exc:  # a full disk no command turned into its own sentence; others keep their traceback
+        if not _disk_full(exc):
+            raise
+        log.debug("disk full", exc_info=True)
         print(f"error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_FAILED

@@ -13,6 +13,7 @@ own "void"); ``coco`` has no annotation covering those pixels, ``labelstudio`` n
 
 from __future__ import annotations
 
+import errno
 import importlib
 import os
 import shutil
@@ -129,7 +130,8 @@ def export_labels(
     ``options`` (when given) replaces ``revisions``.
 
     Raises:
-        FormatError: an unknown format, ``out`` exists and is not empty, or the format cannot hold what was asked.
+        FormatError: an unknown format, ``out`` exists and is not empty, the format cannot hold what was asked,
+            or the disk filled up (nothing of the export is left).
     """
     module = format_module(fmt)
     options = options if options is not None else ExportOptions(revisions=revisions)
@@ -140,16 +142,23 @@ def export_labels(
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FormatError(f"{out}: exists and is not an empty folder; pick a new folder for the export.")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    tmp: Path | None = None
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
         n = module.write(store, tmp, options, progress)
         os.chmod(tmp, 0o755)  # mkdtemp makes 0700; an export is meant to be shared
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException as exc:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):  # the disk, or the quota, full
+            raise FormatError(
+                f"{out}: the disk is full, so the export was not written (nothing of it was left behind); "
+                "free space and export again."
+            ) from exc
         raise
     return n
 
