@@ -64,7 +64,8 @@ class RoundCancelled(RuntimeError):
 
 
 class RoundFailed(RuntimeError):
-    """The round cannot go on (a loss that is not finite); nothing was saved, the message says what to do."""
+    """The round cannot go on (a loss that is not finite, out of memory at the smallest batch); nothing was saved,
+    the message says what to do."""
 
 
 @dataclass(frozen=True)
@@ -149,12 +150,22 @@ class EndlessSampler(Sampler[int]):
             p += 1
 
 
-def crops_per_batch(tc: TrainConfig) -> int:
-    """Labelled crops per batch: ``batch_size`` (at least two: BatchNorm after global pooling, in ASPP, needs two
-    samples), halved for the joint objectives, whose two views of each crop make a step see as many images as a
-    cross-entropy step."""
-    n = max(2, tc.batch_size)
+def crops_per_batch(tc: TrainConfig, batch_size: int | None = None) -> int:
+    """Labelled crops per batch: ``batch_size`` (``tc.batch_size`` when None; at least two: BatchNorm after global
+    pooling, in ASPP, needs two samples), halved for the joint objectives, whose two views of each crop make a step
+    see as many images as a cross-entropy step. ``crops_per_batch(tc, 1)`` is the smallest batch a round can
+    train with: two crops, or one crop's two views."""
+    n = max(2, tc.batch_size if batch_size is None else batch_size)
     return max(1, n // 2) if tc.contrastive_weight > 0 or tc.pseudo_weight > 0 else n
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether an exception is an allocator running out of memory: ``torch.OutOfMemoryError`` (CUDA), or the
+    CPU allocator's ``RuntimeError`` ("out of memory", "DefaultCPUAllocator: can't allocate memory")."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
 
 
 def lr_factor(i: int, n: int) -> float:
@@ -336,15 +347,31 @@ class Reporter:
 # ------------------------------------------------------------------------------------------------ parts
 
 
+Loaders = Callable[[int], tuple[Iterator[dict[str, Tensor]], Iterator[dict[str, Tensor]] | None]]
+
+
 @dataclass
 class _Training:
-    """The parts of a round that its stages step through."""
+    """The parts of a round that its stages step through.
+
+    ``loaders`` makes the endless labelled (and unlabelled) batches at a batch size; :meth:`rebatch` remakes them
+    smaller after an out-of-memory step.
+    """
 
     ctx: StepContext
     optimizer: torch.optim.Optimizer
+    loaders: Loaders
+    batch_size: int  # labelled crops per batch now
     batches: Iterator[dict[str, Tensor]]
     unlabelled: Iterator[dict[str, Tensor]] | None
     confident: list[float] = field(default_factory=list)  # share of unlabelled pixels made pseudo-labels, per step
+    batch_cuts: int = 0  # times an out-of-memory step halved the batch
+
+    def rebatch(self, batch_size: int) -> None:
+        """Go on with ``batch_size`` crops per batch (the old loaders, and their workers, are dropped first)."""
+        self.batches, self.unlabelled = iter(()), None
+        self.batch_size = batch_size
+        self.batches, self.unlabelled = self.loaders(batch_size)
 
 
 def _prepare(cfg: Config, data: RoundData, device: torch.device, init_checkpoint: Path | None) -> _Training:
@@ -356,7 +383,9 @@ def _prepare(cfg: Config, data: RoundData, device: torch.device, init_checkpoint
     cuda = device.type == "cuda"
     num_classes = len(data.classes)
     dataset = LabelledSet(data.train, cfg)
-    batches, unlabelled = _loaders(cfg, data, dataset, cuda)
+    loaders = _loaders(cfg, data, dataset, cuda)
+    batch_size = crops_per_batch(tc)
+    batches, unlabelled = loaders(batch_size)
     ce_weight: Tensor | None = None
     if tc.class_balance > 0:
         ce_weight = torch.from_numpy(class_weights(dataset.class_counts(num_classes), tc.class_balance)).to(device)
@@ -369,7 +398,7 @@ def _prepare(cfg: Config, data: RoundData, device: torch.device, init_checkpoint
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
     ctx = StepContext(model, tc, device, torch.Generator().manual_seed(tc.seed), memory_format, autocast, ce_weight)
-    return _Training(ctx, optimizer, batches, unlabelled)
+    return _Training(ctx, optimizer, loaders, batch_size, batches, unlabelled)
 
 
 def _round_metrics(data: RoundData, budget: Budget, training: _Training, val: dict[str, Any]) -> dict[str, Any]:
@@ -382,7 +411,10 @@ def _round_metrics(data: RoundData, budget: Budget, training: _Training, val: di
         "train_images": len(data.train),
         "pretrain_steps": budget.done[PRETRAIN],
         "finetune_steps": budget.done[FINETUNE],
+        "batch_size": training.batch_size,
     }
+    if training.batch_cuts:
+        metrics["out_of_memory_retries"] = training.batch_cuts
     ce_weight = training.ctx.ce_weight
     if ce_weight is not None:
         metrics["class_weights"] = [round(float(w), 4) for w in ce_weight.cpu()]
@@ -392,27 +424,31 @@ def _round_metrics(data: RoundData, budget: Budget, training: _Training, val: di
     return metrics
 
 
-def _loaders(
-    cfg: Config, data: RoundData, dataset: LabelledSet, cuda: bool
-) -> tuple[Iterator[dict[str, Tensor]], Iterator[dict[str, Tensor]] | None]:
-    """Endless batches of labelled crops, and of unlabelled crops when the semi-supervised objective is on."""
+def _loaders(cfg: Config, data: RoundData, dataset: LabelledSet, cuda: bool) -> Loaders:
+    """A function of the batch size that gives endless batches of labelled crops, and of unlabelled crops when the
+    semi-supervised objective is on (the unlabelled images are read once, here)."""
     tc = cfg.train
-    batch_size = crops_per_batch(tc)
     workers = min(4, max(0, (os.cpu_count() or 1) - 1)) if cuda else 0
+    pool: list[np.ndarray] = []
+    if tc.pseudo_weight > 0:
+        pool = data.unlabelled() if data.unlabelled is not None else []
+        if pool:
+            log.info("semi-supervised: %d unlabelled images", len(pool))
+        else:
+            log.info("semi-supervised objective off: every image of the project is labelled")
+    unlabelled_set = UnlabelledSet(pool, cfg) if pool else None
 
-    def endless(ds: torch.utils.data.Dataset, n: int, seed: int) -> Iterator[dict[str, Tensor]]:
+    def endless(ds: torch.utils.data.Dataset, n: int, seed: int, batch_size: int) -> Iterator[dict[str, Tensor]]:
         sampler = EndlessSampler(n, seed)
         return iter(DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=workers, pin_memory=cuda))
 
-    batches = endless(dataset, len(dataset), tc.seed)
-    if tc.pseudo_weight <= 0:
-        return batches, None
-    pool = data.unlabelled() if data.unlabelled is not None else []
-    if not pool:
-        log.info("semi-supervised objective off: every image of the project is labelled")
-        return batches, None
-    log.info("semi-supervised: %d unlabelled images", len(pool))
-    return batches, endless(UnlabelledSet(pool, cfg), len(pool), tc.seed + 1)
+    def make(batch_size: int) -> tuple[Iterator[dict[str, Tensor]], Iterator[dict[str, Tensor]] | None]:
+        batches = endless(dataset, len(dataset), tc.seed, batch_size)
+        if unlabelled_set is None:
+            return batches, None
+        return batches, endless(unlabelled_set, len(pool), tc.seed + 1, batch_size)
+
+    return make
 
 
 def _step(stage: str, training: _Training, budget: Budget) -> Tensor:
@@ -435,10 +471,43 @@ def _step(stage: str, training: _Training, budget: Budget) -> Tensor:
     return finetune_step(ctx, batch)
 
 
-def _train_stages(
-    training: _Training, budget: Budget, report: Reporter, version: int, should_stop: Callable[[], bool] | None
+def _out_of_memory(
+    training: _Training, stage: str, step: int, version: int, notify: Callable[[str], None] | None
 ) -> None:
-    """Pretraining (if planned), then fine-tuning, one optimiser step at a time, until the budget is spent."""
+    """After a step that ran out of memory (its tensors already released): free the gradients and the CUDA cache,
+    and go on with half the batch; at the smallest batch the round fails with what to change."""
+    ctx, n = training.ctx, training.batch_size
+    training.optimizer.zero_grad(set_to_none=True)
+    if ctx.device.type == "cuda":
+        torch.cuda.empty_cache()
+    smallest = crops_per_batch(ctx.tc, 1)
+    if n <= smallest:
+        raise RoundFailed(
+            f"round v{version}: out of memory at batch {n} in {stage} step {step}, the smallest batch this round "
+            f"trains with; nothing was saved. Lower train.crop (now {ctx.tc.crop}, LABELSMART_TRAIN_CROP) or "
+            "preprocess.max_side (LABELSMART_PREPROCESS_MAX_SIDE), or train on a machine with more memory."
+        )
+    smaller = max(smallest, n // 2)
+    msg = f"out of memory at batch {n}; retrying with batch {smaller}"
+    log.warning("round v%d, %s step %d: %s", version, stage, step, msg)
+    if notify is not None:
+        notify(msg)
+    training.batch_cuts += 1
+    training.rebatch(smaller)
+
+
+def _train_stages(
+    training: _Training,
+    budget: Budget,
+    report: Reporter,
+    version: int,
+    should_stop: Callable[[], bool] | None,
+    notify: Callable[[str], None] | None = None,
+) -> None:
+    """Pretraining (if planned), then fine-tuning, one optimiser step at a time, until the budget is spent.
+
+    A step that runs out of memory is not counted: it is retried with half the batch (:func:`_out_of_memory`).
+    """
     tc = training.ctx.tc
     stage = PRETRAIN if budget.planned[PRETRAIN] > 0 else FINETUNE
     report(stage, force=True)
@@ -459,15 +528,28 @@ def _train_stages(
         t0 = time.monotonic()
         for group in training.optimizer.param_groups:
             group["lr"] = tc.lr * lr_factor(budget.done[stage], budget.planned[stage])
-        loss = _step(stage, training, budget)
-        if not torch.isfinite(loss.detach()):  # a NaN would spread into every weight; stop before it does
+        try:
+            loss = _step(stage, training, budget)
+            finite = bool(torch.isfinite(loss.detach()))
+            if finite:  # a NaN would spread into every weight; stop before it does
+                training.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                training.optimizer.step()
+        except RuntimeError as exc:
+            if not is_out_of_memory(exc):
+                raise
+            out_of_memory = True  # handled below, once the exception and the tensors its frames hold are gone
+        else:
+            out_of_memory = False
+        if out_of_memory:
+            loss = None
+            _out_of_memory(training, stage, budget.steps_done + 1, version, notify)
+            continue
+        if not finite:
             raise RoundFailed(
                 f"round v{version}: the {stage} loss became {float(loss.detach())} at step {budget.steps_done + 1}; "
                 "nothing was saved. Lower train.lr (LABELSMART_TRAIN_LR) or check the labels."
             )
-        training.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        training.optimizer.step()
         budget.record(stage, float(loss.detach()), time.monotonic() - t0)
         report(stage)
     budget.log_stage(FINETUNE, time.monotonic() - stage_start)
@@ -484,6 +566,7 @@ def run_round(
     steps: int | None = None,
     progress: Callable[[dict[str, Any]], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    notify: Callable[[str], None] | None = None,
 ) -> RoundResult:
     """Train one version on labelled images.
 
@@ -496,13 +579,16 @@ def run_round(
             ``cfg.train.max_round_seconds`` when that is set.
         progress: called at most every 0.5 s and at stage changes (see :class:`Reporter`).
         should_stop: polled every step; True raises :class:`RoundCancelled`.
+        notify: called with a sentence for the user when the round changes course (a step that ran out of memory,
+            retried with half the batch: "out of memory at batch 8; retrying with batch 4").
 
     Returns:
         The trained network with its steps, wall time, device and metrics; :meth:`RoundResult.save` writes it.
 
     Raises:
         RoundCancelled: ``should_stop()`` returned True.
-        RoundFailed: the loss stopped being finite (NaN or infinity); the weights were not stepped with it.
+        RoundFailed: the loss stopped being finite (NaN or infinity; the weights were not stepped with it), or a
+            step ran out of memory at the smallest batch (two crops, or one crop's two views).
         ValueError: no classes, no labelled images or a bad setting.
     """
     t_start = time.monotonic()
@@ -529,7 +615,7 @@ def run_round(
         steps if steps is not None else tc.steps, tc.pretrain_fraction, tc.max_round_seconds, val_share, t_start
     )
     report = Reporter(progress, budget, device.type)
-    _train_stages(training, budget, report, version, should_stop)
+    _train_stages(training, budget, report, version, should_stop, notify)
     del training.batches, training.unlabelled  # stops loader workers
 
     # validation, through the predictor's preprocessing path

@@ -153,10 +153,21 @@ def run_one_round(
     tmp.mkdir(parents=True)
     report = progress or (lambda _info: None)
     started = time.monotonic()
+
+    def notify(message: str) -> None:  # a change of course, shown on the page with the other warnings
+        store.add_event("warning", "trainer", f"round v{version}: {message}")
+
     try:
         data = round_data(store, snapshot, cfg.train)
         result = training_round.run_round(
-            cfg, data, version, init_checkpoint=init, steps=steps, progress=report, should_stop=should_stop
+            cfg,
+            data,
+            version,
+            init_checkpoint=init,
+            steps=steps,
+            progress=report,
+            should_stop=should_stop,
+            notify=notify,
         )
         checkpoint = result.save(tmp / CHECKPOINT_NAME)
         report({"stage": "exporting", "step": result.steps, "total": result.steps, "eta_s": 0.0})
