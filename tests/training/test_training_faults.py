@@ -1,8 +1,11 @@
-"""Training faults that must lose nothing: a step out of memory (smaller batch, retry, or one clear sentence)."""
+"""Training faults that must lose nothing: a step out of memory (smaller batch, retry, or one clear sentence) and
+a trainer killed mid-publish, between the rename of the version's folder and the flip of its row."""
 
 from __future__ import annotations
 
 import dataclasses
+import multiprocessing as mp
+import os
 
 import numpy as np
 import pytest
@@ -11,10 +14,10 @@ import torch
 from labelsmart.config import Config
 from labelsmart.project import open_project
 from labelsmart.serving.predictor import Predictor
-from labelsmart.store import Store
+from labelsmart.store import Store, staging_dir, version_dir
 from labelsmart.training import round as training_round
 from labelsmart.training.round import RoundData, RoundFailed, crops_per_batch, is_out_of_memory, run_round
-from labelsmart.training.trainer import run_one_round
+from labelsmart.training.trainer import TrainerLoop, run_one_round
 
 CPU_OOM = "DefaultCPUAllocator: can't allocate memory: you tried to allocate 4294967296 bytes. Error code 12"
 CUDA_OOM = "CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.2 GiB total capacity)"
@@ -139,3 +142,49 @@ def test_an_error_that_is_not_out_of_memory_is_not_retried(tiny_cfg, monkeypatch
     with pytest.raises(RuntimeError, match="cannot be multiplied"):
         run_round(tiny_cfg, data, 1, steps=3)
     assert calls == [1]
+
+
+def _round_killed_mid_publish(cfg: Config) -> None:
+    """A round in a child process that dies as a kill would, right after the rename and before the row flips."""
+    from labelsmart.store import registry
+    from labelsmart.training import trainer
+
+    registry.Registry.publish_model = lambda self, *a, **kw: os._exit(9)
+    trainer.run_one_round(cfg, Store(cfg.db_path, image_root=cfg.image_root), steps=2)
+
+
+def test_a_trainer_killed_mid_publish_serves_the_version_before_and_the_next_start_recovers(tiny_cfg) -> None:
+    torch.set_num_threads(1)
+    store = _labelled(tiny_cfg)
+    first = run_one_round(tiny_cfg, store, steps=2)
+    models = first.folder.parent
+    v2 = version_dir(models, 2)
+
+    proc = mp.get_context("spawn").Process(target=_round_killed_mid_publish, args=(tiny_cfg,))
+    proc.start()
+    proc.join(120)
+    assert proc.exitcode == 9, f"the child round ended with {proc.exitcode}, not at the publish step"
+
+    # what the kill left: the files in place, the row still training, nothing in staging
+    rows = {m.version: m for m in store.models()}
+    assert rows[2].status == "training" and rows[2].folder == v2
+    assert sorted(p.name for p in v2.iterdir()) == VERSION_FILES and not staging_dir(v2).exists()
+    predictor = Predictor(store, tiny_cfg)  # a page opened now serves the version before
+    assert predictor.version == 1 and store.latest_published().version == 1
+
+    TrainerLoop(tiny_cfg, store).recover()  # what the next trainer start does first
+    rows = {m.version: m for m in store.models()}
+    assert rows[2].status == "failed" and rows[2].error.startswith("interrupted")
+    assert not v2.exists() and first.folder.is_dir()  # the unpublished files go, the served ones stay
+    assert predictor.refresh() is False and predictor.version == 1
+
+    # a leftover at the next number (say, from a registry restored from a backup) is replaced, not mixed in
+    v3 = version_dir(models, 3)
+    v3.mkdir()
+    (v3 / "model.onnx").write_bytes(b"a stale model")
+    (v3 / "stale.bin").write_bytes(b"x")
+    row = run_one_round(tiny_cfg, store, steps=2)
+    assert row.version == 3 and row.status == "published" and row.folder == v3
+    assert sorted(p.name for p in v3.iterdir()) == VERSION_FILES
+    assert predictor.refresh() is True and predictor.version == 3
+    assert sorted(p.name for p in models.iterdir()) == ["v0001", "v0003"]
