@@ -120,7 +120,8 @@ def to_uint8(img: np.ndarray) -> np.ndarray:
 def read_image(path: Path) -> np.ndarray:
     """Read an image as RGB uint8 ``(H, W, 3)``, the right way up.
 
-    Grey, palette and alpha images become RGB; 16-bit and float data are stretched by their real range
+    Grey, palette, CMYK and alpha images become RGB, as Pillow's ``convert("RGB")`` makes them (alpha is dropped,
+    not blended); 16-bit and float data are stretched by their real range
     (:func:`to_uint8`); a JPEG (or TIFF, WebP) with an EXIF orientation is turned upright, as browsers and
     labelling tools show it, so labels are painted, trained and exported in that orientation. An image over
     :data:`MAX_PIXELS` is refused from its header, before anything is decoded.
@@ -139,18 +140,20 @@ def read_image(path: Path) -> np.ndarray:
             f"{path}: {dims} more than labelsmart opens ({MAX_PIXELS // 10**6} megapixels, which keeps memory and "
             "the browser within bounds); split it into tiles or downscale it."
         )
-    img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None  # UNCHANGED: no EXIF turn, full depth
+    # UNCHANGED: no EXIF turn, full depth. OpenCV gives palette images as BGR (BGRA with a tRNS chunk), grey with
+    # alpha as BGRA, CMYK JPEGs and TIFFs as BGR or BGRA: every case below is then grey, BGR or BGRA.
+    img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
     if img is None:
         raise ImageError(f"{path}: not a readable image; replace it with a valid JPEG/PNG/TIFF or remove it.")
-    img = to_uint8(img)
+    if img.ndim == 3 and img.shape[2] == 4:
+        img = img[..., :3]  # alpha is dropped (as Pillow's convert("RGB") drops it) before 16-bit data is stretched
+    img = to_uint8(img)  # ... so an opaque alpha of 65535 does not set the range of 12-bit colour data
     if orientation != 1:
-        img = np.ascontiguousarray(_UPRIGHT[orientation](img))
-    if img.ndim == 2:
-        img = cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
-    elif img.shape[2] == 4:
-        img = cv2.cvtColor(img, cv2.COLOR_BGRA2RGB)
+        img = _UPRIGHT[orientation](img)
+    if img.ndim == 2 or img.shape[2] == 1:
+        img = cv2.cvtColor(np.ascontiguousarray(img), cv2.COLOR_GRAY2RGB)
     elif img.shape[2] == 3:
-        img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+        img = cv2.cvtColor(np.ascontiguousarray(img), cv2.COLOR_BGR2RGB)
     else:
         raise ImageError(f"{path}: has {img.shape[2]} channels; convert it to RGB or greyscale.")
     return np.ascontiguousarray(img)
@@ -178,20 +181,21 @@ def read_mask(path: Path, shape: tuple[int, int] | None = None, num_classes: int
                 raise ImageError(
                     f"{path}: mask is {im.mode}, not a single-channel index PNG; save it as 8-bit class ids."
                 )
+            width, height = im.size
+            if shape is not None and (height, width) != tuple(shape):  # from the header, before decoding
+                raise ImageError(
+                    f"{path}: mask is {width}x{height} but its image is {shape[1]}x{shape[0]}; "
+                    "resize the mask to the image size."
+                )
             mask = np.array(im)
     except ImageError:
         raise
     except Exception as exc:  # PIL raises many types
         raise ImageError(f"{path}: not a readable mask ({exc}); replace it with an 8-bit index PNG.") from exc
     if mask.dtype != np.uint8:
-        if mask.max(initial=0) > 255:
-            raise ImageError(f"{path}: mask values above 255; save it as 8-bit class ids.")
+        if mask.min(initial=0) < 0 or mask.max(initial=0) > 255:  # a 32-bit mask: -1 must not wrap to 255
+            raise ImageError(f"{path}: mask values outside 0..255; save it as 8-bit class ids.")
         mask = mask.astype(np.uint8)
-    if shape is not None and mask.shape != tuple(shape):
-        raise ImageError(
-            f"{path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is {shape[1]}x{shape[0]}; "
-            "resize the mask to the image size."
-        )
     if num_classes is not None:
         bad = np.unique(mask[(mask >= num_classes) & (mask != IGNORE_INDEX)])
         if bad.size:

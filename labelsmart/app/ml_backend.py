@@ -31,19 +31,22 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urljoin, urlparse
 
-from fastapi import APIRouter, BackgroundTasks, Depends, HTTPException, Request
+from fastapi import APIRouter, BackgroundTasks, Depends, HTTPException, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from labelsmart import imageio
 from labelsmart.formats import FormatError, ImageIndex
 from labelsmart.formats import labelstudio as ls
 from labelsmart.serving.predictor import Predictor
-from labelsmart.store import Store, StoreError
+from labelsmart.store import Store, StoreError, parse_color
 
 log = logging.getLogger(__name__)
 
@@ -133,11 +136,17 @@ class LabelStudioBackend:
 
     def setup(self, body: dict[str, Any]) -> dict[str, Any]:
         """Check the labelling config against the classes and remember Label Studio's address and token."""
-        config = ls.LabelConfig.parse(str(body.get("schema") or ""), "Label Studio's labelling config")
+        schema = _text(body.get("schema"), "setup's schema") or ""
+        hostname = _text(body.get("hostname"), "setup's hostname")
+        if hostname and _scheme(hostname) not in ("http", "https"):
+            log.warning("setup's hostname %r is not an http(s) address; not used to fetch images", hostname)
+            hostname = None
+        token = _text(body.get("access_token"), "setup's access_token")
+        config = ls.LabelConfig.parse(schema, "Label Studio's labelling config")
         self.match_classes(config)
         self.connection = Connection(
-            url=self.env.url or body.get("hostname") or self.connection.url,
-            token=self.env.token or body.get("access_token") or self.connection.token,
+            url=self.env.url or hostname or self.connection.url,
+            token=self.env.token or token or self.connection.token,
             config=config,
         )
         return {"model_version": self.model_version()}
@@ -148,8 +157,9 @@ class LabelStudioBackend:
         if not ours:
             if not config.labels:
                 raise BackendError("the BrushLabels tag has no <Label> values; add one per class.")
+            _check_new_classes(config.labels)  # every label becomes a class, or none does
             self.store.ensure_classes(
-                [(name, config.colors.get(name) or None) for name in config.labels], source="Label Studio's config"
+                [(name, _color(config.colors.get(name))) for name in config.labels], source="Label Studio's config"
             )
             log.info("classes taken from Label Studio's labelling config: %s", ", ".join(config.labels))
             return
@@ -164,8 +174,12 @@ class LabelStudioBackend:
         """One prediction per task, in task order."""
         config = self._config(body.get("label_config"))
         names = [c.name for c in self.store.classes()]
+        tasks = body.get("tasks")
+        if tasks is not None and not isinstance(tasks, list):
+            raise BackendError(f"predict's tasks are {type(tasks).__name__}, not a list of tasks; send Label Studio's.")
         results = []
-        for task in body.get("tasks") or []:
+        for task in tasks or []:
+            _check_task(task)
             image_id = self.image_for(task, config)
             pred = self.predictor.predict(image_id)
             if pred is None:
@@ -190,6 +204,10 @@ class LabelStudioBackend:
             pairs = _annotated_tasks(body)
             if not pairs or not all(task.get("data") for _, task in pairs):
                 raise BackendError(f"{action} came without the task's data; turn on 'Send payload' for the webhook.")
+            for annotation, task in pairs:
+                _check_task(task)
+                self.image_url(task, self.connection.config or ls.LabelConfig())
+                _check_annotation(annotation, task)
 
             def save() -> None:
                 for annotation, task in pairs:
@@ -202,14 +220,34 @@ class LabelStudioBackend:
 
     def _config(self, xml: Any) -> ls.LabelConfig:
         if xml:
-            return ls.LabelConfig.parse(str(xml), "Label Studio's labelling config")
+            return ls.LabelConfig.parse(_text(xml, "the label_config") or "", "Label Studio's labelling config")
         return self.connection.config or ls.LabelConfig()
 
-    def image_for(self, task: dict[str, Any], config: ls.LabelConfig) -> int:
-        """The project image of a task: one labelsmart has (by its URL's path or file name), else fetched."""
+    @staticmethod
+    def image_url(task: dict[str, Any], config: ls.LabelConfig) -> str:
+        """The image URL of a task (checked by :func:`_check_task`).
+
+        Raises:
+            BackendError: there is none, or it is not text a URL can be read from.
+        """
+        data = task.get("data") or {}
+        value = data.get(config.data_key)
+        if value is not None and not isinstance(value, str):
+            raise BackendError(
+                f"task {task.get('id')}: its data field {config.data_key!r} is {_kind(value)}, not an image URL."
+            )
         url = ls.task_image_url(task, config)
         if url is None:
             raise BackendError(f"task {task.get('id')}: no image URL in its data field {config.data_key!r}.")
+        try:
+            urlparse(url)
+        except ValueError as exc:  # an IPv6 host without its "]", for one
+            raise BackendError(f"task {task.get('id')}: {url!r} is not an image URL ({exc}); fix the task.") from exc
+        return url
+
+    def image_for(self, task: dict[str, Any], config: ls.LabelConfig) -> int:
+        """The project image of a task: one labelsmart has (by its URL's path or file name), else fetched."""
+        url = self.image_url(task, config)
         index = ImageIndex(self.store, skip_unknown=True)
         image_id = ls.find_image(index, url, f"task {task.get('id')}")
         if image_id is not None:
@@ -224,6 +262,11 @@ class LabelStudioBackend:
     def fetch(self, url: str) -> bytes:
         """The bytes of an image Label Studio serves (a relative URL is on Label Studio's host)."""
         full = quote(self.connection.absolute(url), safe=":/?&=%#@+,;~")  # Label Studio keeps spaces in names
+        if urlparse(full).scheme not in ("http", "https"):  # urllib also opens file://, ftp:// and data: URLs
+            raise BackendError(
+                f"{url}: labelsmart fetches images over http(s) only, never from this machine's files; give the task "
+                "an image URL of Label Studio or of a file labelsmart has."
+            )
         try:
             try:
                 data = _get(full, self.connection.headers())
@@ -275,14 +318,136 @@ def _get(url: str, headers: dict[str, str]) -> bytes:
 
 
 def _annotated_tasks(body: dict[str, Any]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
-    """``(annotation, its task)`` of an annotation event (one, or a list for ``ANNOTATIONS_CREATED``)."""
+    """``(annotation, its task)`` of an annotation event (one, or a list for ``ANNOTATIONS_CREATED``, matched by task
+    id: a number or a string)."""
     annotations, tasks = body.get("annotation"), body.get("task")
     if isinstance(annotations, dict) and isinstance(tasks, dict):
         return [(annotations, tasks)]
     if isinstance(annotations, list) and isinstance(tasks, list):
-        by_id = {t.get("id"): t for t in tasks if isinstance(t, dict)}
-        return [(a, by_id[a.get("task")]) for a in annotations if isinstance(a, dict) and a.get("task") in by_id]
+        by_id = {t.get("id"): t for t in tasks if isinstance(t, dict) and _is_id(t.get("id"))}
+        return [
+            (a, by_id[a.get("task")])
+            for a in annotations
+            if isinstance(a, dict) and _is_id(a.get("task")) and a.get("task") in by_id
+        ]
     return []
+
+
+# ------------------------------------------------------------------------------------ input validation
+# What Label Studio sends is checked for the shapes the code below relies on, so a body of another shape is a 400
+# with a sentence, in the request, rather than an exception in it or in the work left for after a webhook's answer.
+
+
+def _is_id(value: Any) -> bool:
+    return isinstance(value, (int, str)) and not isinstance(value, bool)
+
+
+def _kind(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _text(value: Any, what: str) -> str | None:
+    """``value`` when it is text (None when absent).
+
+    Raises:
+        BackendError: it is another JSON type.
+    """
+    if value is None or isinstance(value, str):
+        return value
+    raise BackendError(f"{what} is {_kind(value)}, not text; send what Label Studio sends.")
+
+
+def _scheme(url: str) -> str:
+    try:
+        return urlparse(url).scheme.lower()
+    except ValueError:
+        return ""
+
+
+def _check_body(body: Any) -> None:
+    """Text in the body must be Unicode (JSON can carry lone surrogates, which nothing can store or echo back).
+
+    Raises:
+        BackendError: it is not.
+    """
+    try:
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except (UnicodeEncodeError, ValueError, RecursionError) as exc:
+        raise BackendError(f"the request holds text that is not Unicode ({exc}); send UTF-8 JSON.") from exc
+
+
+def _check_new_classes(labels: tuple[str, ...]) -> None:
+    """Labels that can all become classes of an empty project (checked before the first is added).
+
+    Raises:
+        BackendError: one has spaces around it or none at all, one comes twice, or there are more than 255.
+    """
+    odd = [name for name in labels if not name.strip() or name != name.strip()]
+    twice = sorted({name for name in labels if labels.count(name) > 1})
+    if odd or twice or len(labels) > 255:
+        why = (
+            f"labels {odd} have spaces around them"
+            if odd
+            else f"labels {twice} come twice"
+            if twice
+            else f"{len(labels)} labels are more than an 8-bit mask holds (255)"
+        )
+        raise BackendError(f"Label Studio's labelling config: {why}; fix its <Label> values. No class was added.")
+
+
+def _color(value: str | None) -> str | None:
+    """A label's ``background`` when it is ``#rrggbb`` (what labelsmart reads); None (the default colour) for the
+    other CSS colours Label Studio takes."""
+    try:
+        return "#{:02x}{:02x}{:02x}".format(*parse_color(value)) if value else None
+    except (StoreError, ValueError, TypeError):
+        log.info("label colour %r is not #rrggbb; the class gets a default colour", value)
+        return None
+
+
+def _check_task(task: Any) -> None:
+    """A task object whose ``data``, when there, is an object (:meth:`LabelStudioBackend.image_url` reads it).
+
+    Raises:
+        BackendError: it is not.
+    """
+    if not isinstance(task, dict):
+        raise BackendError(f"a task is {_kind(task)}, not a task object; send Label Studio's tasks.")
+    data = task.get("data")
+    if data is not None and not isinstance(data, dict):
+        raise BackendError(f"task {task.get('id')}: its data is {_kind(data)}, not an object; send the task's data.")
+
+
+def _check_annotation(annotation: Any, task: dict[str, Any]) -> None:
+    """An annotation whose results are objects, and whose brush results hold what a mask is read from: a ``value``
+    object with one list of label names, an ``rle`` list of numbers 0..255 and whole-number image sizes.
+
+    Raises:
+        BackendError: it is not.
+    """
+    where = f"task {task.get('id')}, annotation {annotation.get('id') if isinstance(annotation, dict) else '?'}"
+    if not isinstance(annotation, dict):
+        raise BackendError(f"{where}: is {_kind(annotation)}, not an annotation object.")
+    results = annotation.get("result")
+    if results is not None and not isinstance(results, list):
+        raise BackendError(f"{where}: its result is {_kind(results)}, not a list of results.")
+    for k, result in enumerate(results or []):
+        if not isinstance(result, dict):
+            continue  # not a result labelsmart reads (brush results are objects)
+        value = result.get("value")
+        if value is not None and not isinstance(value, dict):
+            raise BackendError(f"{where}: result {k + 1} has a value of {_kind(value)}, not an object.")
+        if str(result.get("type", "")).lower() != "brushlabels" or "rle" not in (value or {}):
+            continue  # rectangles, polygons: not read
+        names = value.get("brushlabels") or value.get("labels") or []
+        rle = value["rle"]
+        sizes = [result[key] for key in ("original_width", "original_height") if result.get(key) is not None]
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise BackendError(f"{where}: result {k + 1}'s brushlabels are not a list of label names.")
+        if not isinstance(rle, list) or not all(isinstance(v, int) and 0 <= v <= 255 for v in rle):
+            raise BackendError(f"{where}: result {k + 1}'s rle is not a list of bytes (0..255); export it again.")
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in sizes):
+            raise BackendError(f"{where}: result {k + 1}'s original_width and original_height are not whole numbers.")
 
 
 def _file_name(url: str) -> str:
@@ -315,12 +480,37 @@ def _basic_auth(check: Callable[[str, str], bool] | None) -> Callable[[Request],
     return guard
 
 
+class _ProtocolRoute(APIRoute):
+    """A route whose refusals of a body it cannot read are the protocol's: FastAPI's own 400 (nesting too deep, a
+    number too long) as ``{"error": sentence}``, its 422 (not a JSON object) without echoing the input (which may hold
+    NaN or lone surrogates, which no JSON response can carry)."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def route(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except RequestValidationError as exc:
+                detail = [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg", ""))} for e in exc.errors()]
+                sentence = "the request body is not a JSON object of Label Studio's; send what Label Studio sends."
+                return JSONResponse({"error": sentence, "detail": detail}, status_code=422)
+            except StarletteHTTPException as exc:
+                if exc.status_code != 400:
+                    raise
+                sentence = f"the request body cannot be read ({exc.detail}); send a JSON object, as Label Studio does."
+                return JSONResponse({"error": sentence}, status_code=400)
+
+        return route
+
+
 def router(backend: LabelStudioBackend, check: Callable[[str, str], bool] | None = None) -> APIRouter:
     """The protocol's routes under :data:`PREFIX`; ``check(user, password)`` guards them when given."""
-    r = APIRouter(prefix=PREFIX, dependencies=[Depends(_basic_auth(check))])
+    r = APIRouter(prefix=PREFIX, dependencies=[Depends(_basic_auth(check))], route_class=_ProtocolRoute)
 
-    def answer(fn: Callable[[], dict[str, Any]]) -> Any:
+    def answer(fn: Callable[[], dict[str, Any]], body: Any) -> Any:
         try:
+            _check_body(body)
             return fn()
         except (BackendError, FormatError, StoreError, imageio.ImageError) as exc:
             log.warning("Label Studio request refused: %s", exc)
@@ -332,11 +522,11 @@ def router(backend: LabelStudioBackend, check: Callable[[str, str], bool] | None
 
     @r.post("/setup")
     def setup(body: dict[str, Any]) -> Any:
-        return answer(lambda: backend.setup(body))
+        return answer(lambda: backend.setup(body), body)
 
     @r.post("/predict")
     def predict(body: dict[str, Any]) -> Any:
-        return answer(lambda: backend.predict(body))
+        return answer(lambda: backend.predict(body), body)
 
     @r.post("/webhook")
     def webhook(body: dict[str, Any], tasks: BackgroundTasks) -> Any:
@@ -346,10 +536,10 @@ def router(backend: LabelStudioBackend, check: Callable[[str, str], bool] | None
                 tasks.add_task(work)
             return {"status": "ok", "what": what}
 
-        return answer(handle)
+        return answer(handle, body)
 
     @r.post("/train")
     def train(body: dict[str, Any]) -> Any:  # Label Studio without its webhook-training flag posts here
-        return answer(lambda: backend.webhook({"action": "START_TRAINING"})[0] and {"status": "ok"})
+        return answer(lambda: backend.webhook({"action": "START_TRAINING"})[0] and {"status": "ok"}, body)
 
     return r

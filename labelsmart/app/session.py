@@ -67,6 +67,30 @@ class SaveResult:
     stale: bool = False
 
 
+def _layer_array(layer: Any, k: int) -> np.ndarray:
+    """Layer ``k`` of the editor's value as a uint8 ``(H, W)`` or ``(H, W, 3|4)`` array.
+
+    Raises:
+        ImageError: it is not one (another type, dtype or channel count, or empty).
+    """
+    try:
+        arr = np.asarray(layer)
+    except (ValueError, TypeError):  # ragged lists, objects NumPy cannot hold
+        arr = None
+    ok = (
+        arr is not None
+        and arr.dtype == np.uint8
+        and arr.size > 0
+        and (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] in (3, 4)))
+    )
+    if not ok:
+        what = f"{arr.dtype} {arr.shape}" if arr is not None else type(layer).__name__
+        raise imageio.ImageError(
+            f"the editor's layer {k + 1} is not an 8-bit RGB or RGBA image ({what}); reload the image and paint again."
+        )
+    return np.ascontiguousarray(arr)
+
+
 class Session:
     """The UI's handlers over one project.
 
@@ -311,17 +335,36 @@ class Session:
     # -------------------------------------------------------------------------------------- saving
 
     def editor_to_mask(self, image_id: int, editor: dict[str, Any] | None) -> np.ndarray:
-        """Merge the editor's layers (later layers win) into one index mask at the image's size."""
+        """Merge the editor's layers (later layers win) into one index mask at the image's size.
+
+        No value, no layers, a ``None`` layer and a 2-D layer add nothing; a layer at another size is resized to the
+        image (nearest neighbour, so it keeps its class colours).
+
+        Raises:
+            ImageError: the value is not what the editor sends (not a dict, layers that are not a list, a layer
+                that is not an 8-bit RGB or RGBA image); nothing is saved.
+        """
         row = self.store.image(image_id)
         shape = (row.height, row.width)
         mask = np.full(shape, IGNORE_INDEX, np.uint8)
-        if not editor:
+        if editor is None:
             return mask
+        if not isinstance(editor, dict):
+            raise imageio.ImageError(
+                f"the editor sent {type(editor).__name__}, not its value; reload the image and paint again."
+            )
+        layers = editor.get("layers")
+        if layers is None:
+            return mask
+        if not isinstance(layers, (list, tuple)):
+            raise imageio.ImageError(
+                f"the editor's layers are {type(layers).__name__}, not a list; reload the image and paint again."
+            )
         colors = self.colors()
-        for layer in editor.get("layers") or []:
+        for k, layer in enumerate(layers):
             if layer is None:
                 continue
-            layer = np.asarray(layer)
+            layer = _layer_array(layer, k)
             if layer.ndim == 2:
                 continue
             if layer.shape[:2] != shape:
@@ -362,7 +405,11 @@ class Session:
         image_id = int(image_id)
         if not self.store.classes():
             return SaveResult("⚠️ Add classes before saving labels.")
-        return self._save_mask(image_id, self.editor_to_mask(image_id, editor), based_on, author)
+        try:
+            mask = self.editor_to_mask(image_id, editor)
+        except imageio.ImageError as exc:
+            return SaveResult(f"⚠️ {exc}")
+        return self._save_mask(image_id, mask, based_on, author)
 
     def _save_mask(
         self, image_id: int, mask: np.ndarray, based_on: int | None | object, author: str | None
@@ -402,7 +449,10 @@ class Session:
             return "⚠️ No image selected."
         image_id = int(image_id)
         newest = self.store.current_revision(image_id)
-        mine = self.editor_to_mask(image_id, editor)
+        try:
+            mine = self.editor_to_mask(image_id, editor)
+        except imageio.ImageError as exc:
+            return f"⚠️ {exc}"
         row = self.store.image(image_id)
         blank = np.full((row.height, row.width), IGNORE_INDEX, np.uint8)
         base = self.store.load_revision(based_on) if based_on is not None else blank
