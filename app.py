@@ -17,6 +17,21 @@ from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
+# The page's upload limit, per file. Saving sends the editor's layer and composite as PNGs at the image's size, which
+# for the largest image labelsmart opens (100 megapixels, RGBA) is at most 400 MB, so the limit sits above that.
+MAX_UPLOAD = "500mb"
+_UNITS = {"b": 1, "kb": 1 << 10, "mb": 1 << 20, "gb": 1 << 30}
+
+
+def upload_size(text: str) -> int:
+    """``--max-upload`` (``500mb``, ``64kb``, ``1gb``, a number of bytes) in bytes."""
+    value = text.strip().lower()
+    unit = next((u for u in ("kb", "mb", "gb", "b") if value.endswith(u)), "")
+    number = value[: len(value) - len(unit)].strip()
+    if not number.isdigit() or int(number) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size; write it as 500mb, 64kb, 1gb or a number of bytes")
+    return int(number) * _UNITS[unit or "b"]
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line flags of the labelling app."""
@@ -37,6 +52,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--auth", help="users file: only its users get in (python -m labelsmart add-user --users FILE NAME)")
     p.add_argument(
         "--insecure", action="store_true", help="listen on a non-loopback --host without --auth (anyone may edit)"
+    )
+    p.add_argument(
+        "--max-upload",
+        dest="max_upload",
+        type=upload_size,
+        default=upload_size(MAX_UPLOAD),
+        help=f"largest file the page takes in one upload, larger ones are refused (default {MAX_UPLOAD})",
     )
     return p.parse_args(argv)
 
@@ -60,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     from labelsmart.store import StoreError
     from labelsmart.training.trainer import Supervisor
 
-    flags = {k: v for k, v in vars(args).items() if k not in ("no_trainer", "auth", "insecure")}
+    flags = {k: v for k, v in vars(args).items() if k not in ("no_trainer", "auth", "insecure", "max_upload")}
     try:
         if flags.get("dataset") is None:
             flags["dataset"] = str(demo.demo_dataset(demo.default_demo_root(os.environ)))
@@ -97,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         show_error=True,
         auth=check,
         auth_message=f"labelsmart · {cfg.project}: log in with your user name and password.",
+        max_file_size=args.max_upload,  # bytes; Gradio refuses a larger upload with 413, the page before sending it
     )
     url = f"http://{cfg.host}:{cfg.port}"
     print(f"labelsmart on {url}  ·  Label Studio ML backend: {url}{ml_backend.PREFIX}", flush=True)

@@ -450,9 +450,15 @@ def _check_annotation(annotation: Any, task: dict[str, Any]) -> None:
             raise BackendError(f"{where}: result {k + 1}'s original_width and original_height are not whole numbers.")
 
 
+MAX_NAME = 120  # characters of a received image's file name (a file system takes 255 bytes, the temporary name more)
+
+
 def _file_name(url: str) -> str:
+    """The file name a fetched image is kept under (the store reduces it to plain characters): the URL's last part,
+    its start cut off past :data:`MAX_NAME` characters (its suffix kept)."""
     parsed = urlparse(url)
-    return (ls.image_name_candidates(url) or [parsed.path.rsplit("/", 1)[-1] or "image"])[0].rsplit("/", 1)[-1]
+    name = (ls.image_name_candidates(url) or [parsed.path.rsplit("/", 1)[-1] or "image"])[0].rsplit("/", 1)[-1]
+    return name[-MAX_NAME:]
 
 
 def _author(annotation: dict[str, Any], default: str) -> str:
