@@ -421,3 +421,38 @@ def test_a_save_while_another_program_holds_the_lock_fails_in_a_sentence_and_rea
     r2 = store.save_label(img.id, second, based_on=r1)  # the lock released: the same save lands
     assert [r.id for r in fresh.history(img.id)] == [r1, r2]
     np.testing.assert_array_equal(fresh.current_label(img.id), second)
+
+
+def test_a_locked_store_neither_stops_the_trainer_nor_fails_a_prediction(tiny_cfg, tmp_path: Path, monkeypatch) -> None:
+    from labelsmart.serving.predictor import Predictor
+    from labelsmart.training.trainer import TrainerLoop
+
+    store = open_project(tiny_cfg)
+    locked = StoreLockedError(f"{store.db_path} is locked by another program (waited 30 s); close it and save again.")
+
+    def refuse(*_args: Any, **_kwargs: Any) -> None:
+        raise locked
+
+    loop = TrainerLoop(tiny_cfg, store)
+    monkeypatch.setattr(store, "set_status", refuse)
+    loop.write_status(force=True, state="waiting")  # the page's status is not written; the trainer goes on
+    polls = []
+
+    def step() -> bool:
+        polls.append(1)
+        raise locked
+
+    monkeypatch.setattr(loop, "step", step)
+    monkeypatch.setattr(loop, "recover", lambda: None)
+    loop.run(stop=lambda: len(polls) >= 3)  # each poll meets the lock; the loop waits and polls again
+    assert len(polls) == 3
+
+    write_toy_model(tmp_path / "toy" / "v0001" / "model.onnx", max_side=64)
+    store.add_model(1, tmp_path / "toy" / "v0001", store.snapshot(), status="published")
+    store.publish_model(1, {})
+    predictor = Predictor(store, tiny_cfg)
+    monkeypatch.setattr(store, "record_prediction", refuse)
+    image = store.images()[0]
+    pred = predictor.predict(image.id)  # answered; only the cache's index row is missing
+    assert pred is not None and pred.mask.shape == (image.height, image.width)
+    assert predictor.cache_path(image.id, 1).is_file()

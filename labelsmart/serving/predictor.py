@@ -19,7 +19,7 @@ import numpy as np
 from labelsmart import imageio
 from labelsmart.config import Config
 from labelsmart.serving.onnx_model import OnnxModel, Prediction, frozen_prediction
-from labelsmart.store import Store, version_name
+from labelsmart.store import Store, StoreError, version_name
 
 log = logging.getLogger(__name__)
 
@@ -225,9 +225,17 @@ class Predictor:
         pred = model.predict(self.store.read_image(image_id))
         path = self.cache_path(image_id, model.version)
         imageio.atomic_write_bytes(path, encode_prediction(pred))
-        self.store.record_prediction(image_id, model.version, path, pred.mean_confidence)
+        self._record(image_id, model.version, path, pred.mean_confidence)
         log.debug("predicted image %d with v%d in %.0f ms", image_id, model.version, 1e3 * (time.perf_counter() - t0))
         return pred
+
+    def _record(self, image_id: int, version: int, path: Path, mean_confidence: float) -> None:
+        """The cache's index row; a store locked by another program (or a full disk) costs only that row: the
+        answer is returned, and an unrecorded file is predicted again after a restart."""
+        try:
+            self.store.record_prediction(image_id, version, path, mean_confidence)
+        except (StoreError, sqlite3.Error) as exc:
+            log.warning("prediction of image %d by v%d not recorded in the store: %s", image_id, version, exc)
 
     def predict_many(self, image_ids: Iterable[int], progress: Callable[[int, int], Any] | None = None) -> int:
         """Pre-annotate several images (for example the next ones in the queue) into the cache.

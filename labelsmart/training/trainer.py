@@ -12,6 +12,7 @@ import logging
 import multiprocessing as mp
 import os
 import shutil
+import sqlite3
 import threading
 import time
 import traceback
@@ -23,7 +24,7 @@ import numpy as np
 
 from labelsmart import imageio
 from labelsmart.config import Config, TrainConfig, TriggerConfig
-from labelsmart.store import ModelRow, Snapshot, Store
+from labelsmart.store import ModelRow, Snapshot, Store, StoreError
 from labelsmart.store.registry import CHECKPOINT_NAME, ONNX_NAME, staging_dir, version_dir
 
 if TYPE_CHECKING:
@@ -251,7 +252,10 @@ class TrainerLoop:
         self.status["heartbeat"] = time.time()
         now = time.monotonic()
         if force or now - self._last_write > 0.5:
-            self.store.set_status("trainer", self.status)
+            try:
+                self.store.set_status("trainer", self.status)
+            except (StoreError, sqlite3.Error) as exc:  # the status is what the page shows; training goes on
+                log.warning("trainer status not written: %s", exc)
             self._last_write = now
 
     def trigger_state(self) -> TriggerState:
@@ -364,7 +368,12 @@ class TrainerLoop:
         self.recover()
         self.write_status(force=True, state="waiting", message="trainer started")
         while not stop():
-            if not self.step():
+            try:
+                ran = self.step()
+            except (StoreError, sqlite3.Error) as exc:  # the store locked by another program, or its disk full
+                log.warning("trainer waits for the store: %s", exc)
+                ran = False
+            if not ran:
                 time.sleep(self.cfg.trigger.poll_s)
 
 
@@ -427,17 +436,29 @@ class Supervisor:
             code = proc.exitcode
             if self.restarts >= self.max_restarts:
                 msg = f"trainer process exited with code {code} and was restarted {self.restarts} times; giving up"
-                self.store.add_event("error", "supervisor", msg + " (restart labelsmart to try again).")
-                self.store.set_status("trainer", {"state": "error", "message": msg, "error": msg})
+                log.error(msg)
+                self._tell(
+                    msg + " (restart labelsmart to try again).", {"state": "error", "message": msg, "error": msg}
+                )
                 return
             self.restarts += 1
             msg = f"trainer process exited with code {code}; restarted it (restart {self.restarts})"
             log.error(msg)
-            self.store.add_event("error", "supervisor", msg)
+            self._tell(msg)
             time.sleep(backoff)
             backoff = min(backoff * 2, 30.0)
             if not self._stop.is_set():
                 self._spawn()
+
+    def _tell(self, message: str, status: dict[str, Any] | None = None) -> None:
+        """An event (and a status) for the page; a store that cannot take it (locked, full) never stops the
+        watcher, which would leave the trainer unrestarted."""
+        try:
+            self.store.add_event("error", "supervisor", message)
+            if status is not None:
+                self.store.set_status("trainer", status)
+        except (StoreError, sqlite3.Error) as exc:
+            log.warning("supervisor event not recorded (%s): %s", exc, message)
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop watching and end the process."""
