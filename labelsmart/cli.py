@@ -66,7 +66,7 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
 
 def _disk_full(exc: BaseException) -> bool:
     """Whether ``exc`` is a write that failed because the disk (or the user's quota) is full."""
-    from labelsmart.preannotate.pipeline import DISK_FULL_ERRNOS
+    from labelsmart.imageio import DISK_FULL_ERRNOS
 
     return isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS
 

@@ -6,6 +6,7 @@ pixels everywhere. Nothing here imports torch.
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import tempfile
@@ -46,6 +47,14 @@ def list_images(root: Path) -> Iterator[Path]:
                 continue
             if name.lower().endswith(IMAGE_EXTENSIONS):
                 yield (base / name).relative_to(root)
+
+
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)  # the disk, or the user's quota of it, is full
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` is a write refused because the disk (or the quota) is full."""
+    return isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -516,6 +516,10 @@ class Session:
             return None, f"⚠️ {exc}"
         try:
             archive = shutil.make_archive(str(work / name), "zip", root_dir=work, base_dir=name)
+        except OSError as exc:
+            (work / f"{name}.zip").unlink(missing_ok=True)  # no half-written zip to download
+            why = "the disk is full; free space and" if imageio.is_disk_full(exc) else f"{exc};"
+            return None, f"⚠️ the labels could not be zipped in {work}: {why} export again."
         finally:
             shutil.rmtree(work / name, ignore_errors=True)
         extra = " with pre-annotations" if include_predictions else ""

@@ -13,7 +13,6 @@ own "void"); ``coco`` has no annotation covering those pixels, ``labelstudio`` n
 
 from __future__ import annotations
 
-import errno
 import importlib
 import os
 import shutil
@@ -25,6 +24,7 @@ from types import ModuleType
 
 import numpy as np
 
+from labelsmart import imageio
 from labelsmart.store import ImageRow, Revision, Store, StoreError
 
 # Each format is a module of this package with ``write(store, out, options, progress)`` and
@@ -154,7 +154,7 @@ def export_labels(
     except BaseException as exc:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):  # the disk, or the quota, full
+        if imageio.is_disk_full(exc):
             raise FormatError(
                 f"{out}: the disk is full, so the export was not written (nothing of it was left behind); "
                 "free space and export again."

@@ -18,7 +18,6 @@ follows its files, so the same command run again goes on where it stopped.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import threading
@@ -42,7 +41,7 @@ if TYPE_CHECKING:
 
 MANIFEST_NAME = "manifest.jsonl"
 ERRORS_NAME = "errors.jsonl"
-DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)  # the disk, or the user's quota of it, is full
+DISK_FULL_ERRNOS = imageio.DISK_FULL_ERRNOS
 
 
 class OutputFullError(ValueError):

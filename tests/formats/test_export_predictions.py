@@ -106,3 +106,20 @@ def test_the_page_exports_them_too(with_model, tmp_path: Path):
         assert sum(n.endswith(".png") and "/predictions/" in n for n in z.namelist()) == len(predicted)
     assert session.export_labels("voc", "current", include_predictions=True)[0] is None
     assert list(Path(path).parent.iterdir()) == [Path(path)]  # nothing left behind but the zip
+
+
+def test_a_full_disk_while_zipping_leaves_no_zip_and_says_so(labelled: Store, tmp_path: Path, monkeypatch):  # noqa: F811
+    import errno
+    import shutil
+
+    cfg = config.load({"dataset": str(tmp_path / "data"), "workdir": str(tmp_path / "a")}, env={})
+    session = Session(cfg, labelled, Predictor(labelled, cfg))
+
+    def full(base_name: str, *_args, **_kwargs):
+        Path(base_name + ".zip").write_bytes(b"PK half")  # what a full disk leaves
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(shutil, "make_archive", full)
+    path, msg = session.export_labels("png", "current")
+    assert path is None and "disk is full" in msg and msg.startswith("⚠️")
+    assert list(session._export_folder().iterdir()) == []  # neither the zip nor the export folder
