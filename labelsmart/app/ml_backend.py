@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import http.client
 import json
 import logging
@@ -33,6 +34,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
+from pathlib import PurePosixPath
 from typing import Any
 from urllib.parse import quote, urljoin, urlparse
 
@@ -46,7 +48,7 @@ from labelsmart import imageio
 from labelsmart.formats import FormatError, ImageIndex
 from labelsmart.formats import labelstudio as ls
 from labelsmart.serving.predictor import Predictor
-from labelsmart.store import Store, StoreError, parse_color
+from labelsmart.store import Store, StoreError, parse_color, received_path
 
 log = logging.getLogger(__name__)
 
@@ -248,6 +250,9 @@ class LabelStudioBackend:
     def image_for(self, task: dict[str, Any], config: ls.LabelConfig) -> int:
         """The project image of a task: one labelsmart has (by its URL's path or file name), else fetched."""
         url = self.image_url(task, config)
+        received = self.store.image_id_by_path(received_path(_file_name(url)))
+        if received is not None:  # fetched for an earlier task with this URL
+            return received
         index = ImageIndex(self.store, skip_unknown=True)
         image_id = ls.find_image(index, url, f"task {task.get('id')}")
         if image_id is not None:
@@ -454,11 +459,13 @@ MAX_NAME = 120  # characters of a received image's file name (a file system take
 
 
 def _file_name(url: str) -> str:
-    """The file name a fetched image is kept under (the store reduces it to plain characters): the URL's last part,
-    its start cut off past :data:`MAX_NAME` characters (its suffix kept)."""
+    """The file name a fetched image is kept under: the URL's last part with a short hash of the whole URL, so two
+    tasks whose images share a file name (``a/img.png``, ``b/img.png``) stay two images, and one URL stays one."""
     parsed = urlparse(url)
     name = (ls.image_name_candidates(url) or [parsed.path.rsplit("/", 1)[-1] or "image"])[0].rsplit("/", 1)[-1]
-    return name[-MAX_NAME:]
+    tag = hashlib.sha1(url.encode("utf-8", "surrogatepass")).hexdigest()[:10]
+    suffix = PurePosixPath(name).suffix[:16]
+    return f"{PurePosixPath(name).stem[: MAX_NAME - len(suffix) - 11]}-{tag}{suffix}"
 
 
 def _author(annotation: dict[str, Any], default: str) -> str:

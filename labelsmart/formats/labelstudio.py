@@ -248,24 +248,37 @@ def mask_from_results(
     """
     mask = np.full((height, width), 255, np.uint8)
     for result in results:
-        value = result.get("value") or {}
-        if str(result.get("type", "")).lower() != "brushlabels" or "rle" not in value:
-            continue
-        names = value.get("brushlabels") or value.get("labels") or []
-        if len(names) != 1:
-            raise FormatError(f"{source}: a brush result has labels {names}; give each brush stroke one label.")
-        if names[0] not in classes:
+        try:
+            _paint(mask, result, classes, source)
+        except (TypeError, ValueError, OverflowError, AttributeError, KeyError) as exc:
+            if isinstance(exc, FormatError):
+                raise
             raise FormatError(
-                f"{source}: label {names[0]!r} is not a class of this project ({', '.join(classes)}); add it under "
-                "Classes or rename it in Label Studio."
-            )
-        rw, rh = result.get("original_width", width), result.get("original_height", height)
-        if (int(rw), int(rh)) != (width, height):
-            raise FormatError(
-                f"{source}: the brush result is {rw}x{rh} but the image is {width}x{height}; export it again."
-            )
-        mask[decode_rle(value["rle"], height, width, source)] = classes[names[0]]
+                f"{source}: a result is not a Label Studio brush result ({exc}); export it again."
+            ) from exc
     return mask
+
+
+def _paint(mask: np.ndarray, result: dict[str, Any], classes: dict[str, int], source: object) -> None:
+    """Paint one ``brushlabels`` result onto ``mask`` (other result types are passed over)."""
+    height, width = mask.shape
+    value = result.get("value") or {}
+    if str(result.get("type", "")).lower() != "brushlabels" or "rle" not in value:
+        return
+    names = value.get("brushlabels") or value.get("labels") or []
+    if not isinstance(names, list) or len(names) != 1 or not isinstance(names[0], str):
+        raise FormatError(f"{source}: a brush result has labels {names}; give each brush stroke one label.")
+    if names[0] not in classes:
+        raise FormatError(
+            f"{source}: label {names[0]!r} is not a class of this project ({', '.join(classes)}); add it under "
+            "Classes or rename it in Label Studio."
+        )
+    rw, rh = result.get("original_width", width), result.get("original_height", height)
+    if (int(rw), int(rh)) != (width, height):
+        raise FormatError(
+            f"{source}: the brush result is {rw}x{rh} but the image is {width}x{height}; export it again."
+        )
+    mask[decode_rle(value["rle"], height, width, source)] = classes[names[0]]
 
 
 def image_name_candidates(url: str) -> list[str]:

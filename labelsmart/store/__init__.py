@@ -25,6 +25,7 @@ from labelsmart.store.images import (
     file_sha1,
     load_classes_file,
     parse_color,
+    received_path,
 )
 from labelsmart.store.labels import ANY_REVISION, Labels, Revision, Snapshot, StaleRevisionError
 from labelsmart.store.registry import ModelRow, Registry, staging_dir, version_dir, version_name
@@ -46,6 +47,7 @@ __all__ = [
     "StoreLockedError",
     "file_sha1",
     "load_classes_file",
+    "received_path",
     "parse_color",
     "staging_dir",
     "version_dir",

@@ -78,6 +78,19 @@ RECEIVED_PREFIX = "@received/"
 SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 
 
+RECEIVED_NAME_MAX = 120  # characters of a received file's name (a file system takes 255 bytes, a temporary name more)
+
+
+def received_path(name: str) -> str:
+    """The store path of an image received under ``name``: ``@received/`` and a plain file name (no folders, no
+    ``..``, only ``A-Za-z0-9._-``, at most :data:`RECEIVED_NAME_MAX` characters, its suffix kept)."""
+    plain = SAFE_NAME.sub("_", Path(name.replace("\\", "/")).name).lstrip(".") or "image"
+    if len(plain) > RECEIVED_NAME_MAX:
+        suffix = Path(plain).suffix[:16]
+        plain = Path(plain).stem[: RECEIVED_NAME_MAX - len(suffix)] + suffix
+    return RECEIVED_PREFIX + plain
+
+
 def file_sha1(path: Path, chunk: int = 1 << 20) -> str:
     """Content hash of a file, read in chunks."""
     h = hashlib.sha1()
@@ -221,8 +234,8 @@ class Images(Messages):
         Raises:
             ImageError: ``data`` is not an image labelsmart reads (nothing is kept).
         """
-        stem = SAFE_NAME.sub("_", Path(name.replace("\\", "/")).name).lstrip(".") or "image"
-        rel = RECEIVED_PREFIX + stem
+        rel = received_path(name)
+        stem = rel[len(RECEIVED_PREFIX) :]
         known = self.image_id_by_path(rel)
         if known is not None:
             return known

@@ -8,6 +8,7 @@ import base64
 import http.server
 import io
 import json
+import re
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -161,7 +162,8 @@ def test_a_task_whose_image_labelsmart_lacks_is_fetched_with_the_token_and_added
         out = client.post("/labelstudio/predict", json={"tasks": [task, task]}).json()
         assert len(store.images()) == n + 1  # added once
         new = [r for r in store.images() if r.path.startswith("@received/")][0]
-        assert (new.width, new.height) == (40, 24) and new.path == "@received/9f8e7d6c-new_photo.png"
+        assert (new.width, new.height) == (40, 24)
+        assert re.fullmatch(r"@received/9f8e7d6c-new_photo-[0-9a-f]{10}\.png", new.path), new.path
         assert store.image_path(new.id).parent == store.received_dir  # no '..' escapes the folder
         mask = ls.mask_from_results(out["results"][0]["result"], {n: k for k, n in enumerate(names)}, 24, 40, "t")
         assert (mask[:, :20] == 0).all() and (mask[:, 20:] == 1).all()
@@ -209,3 +211,10 @@ def test_an_annotation_without_brush_strokes_leaves_the_labels_alone(served):
     }
     assert client.post("/labelstudio/webhook", json=body).status_code == 200
     assert len(store.history(row.id)) == 1 and np.array_equal(store.current_label(row.id), mask)
+
+
+def test_images_of_the_same_file_name_from_two_places_stay_two_images():
+    a, b = ml_backend._file_name("/data/a/img.png"), ml_backend._file_name("/data/b/img.png")
+    assert a != b and a == ml_backend._file_name("/data/a/img.png")
+    assert a.startswith("img-") and a.endswith(".png")
+    assert len(ml_backend._file_name("/x/" + "n" * 900 + ".png")) <= ml_backend.MAX_NAME

@@ -250,15 +250,7 @@ NASTY = [
     "%2e%2e%2fx.png",
     "é.png",
     "a" * 200 + ".png",
-    pytest.param(
-        "a" * 5000 + ".png",
-        marks=pytest.mark.xfail(
-            raises=OSError,
-            strict=True,
-            reason="store.add_received_image keeps the whole name: past ~240 characters the file system refuses it "
-            "with OSError (the Label Studio backend cuts names to 120 characters before calling it)",
-        ),
-    ),
+    "a" * 5000 + ".png",
 ]
 
 

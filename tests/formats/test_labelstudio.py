@@ -198,3 +198,18 @@ def test_a_config_without_brush_labels_is_refused():
         ("sky", "road"),
     )
     assert config.colors == {"sky": "#0080ff"}
+
+
+@pytest.mark.parametrize(
+    "result",
+    [
+        {"type": "brushlabels", "value": {"rle": [1e400], "brushlabels": ["sky"]}},
+        {"type": "brushlabels", "value": {"rle": "abc", "brushlabels": [["sky"]]}},
+        {"type": "brushlabels", "value": {"rle": None, "brushlabels": ["sky"]}},
+        {"type": "brushlabels", "value": {"rle": [1, 2], "brushlabels": ["sky"]}, "original_width": "wide"},
+        "a string, not a result",
+    ],
+)
+def test_a_result_of_the_wrong_shape_is_one_sentence(result: object):
+    with pytest.raises(FormatError, match="tasks.json"):
+        ls.mask_from_results([result], {"sky": 0}, 4, 5, "tasks.json")
