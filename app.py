@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -123,8 +124,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     url = f"http://{cfg.host}:{cfg.port}"
     print(f"labelsmart on {url}  ·  Label Studio ML backend: {url}{ml_backend.PREFIX}", flush=True)
+
+    def terminate(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)  # uvicorn re-raises the signal once it has shut down: unwind to the finally
+
+    signal.signal(signal.SIGTERM, terminate)
     try:  # uvicorn ends on SIGINT and SIGTERM; the finally below then stops the trainer
-        uvicorn.run(server, host=cfg.host, port=cfg.port, log_level="warning")
+        # Open streams (the page's, a gradio_client's) would hold a graceful shutdown forever: give them 3 s.
+        uvicorn.run(server, host=cfg.host, port=cfg.port, log_level="warning", timeout_graceful_shutdown=3)
     finally:
         if supervisor is not None:
             supervisor.stop()
