@@ -193,6 +193,12 @@ def test_the_app_serves_the_page_and_the_backend_on_one_port(tiny_dataset: Path,
             assert json.loads(r.read())["status"] == "UP"
         with urllib.request.urlopen(url, timeout=30) as r:
             assert b"gradio" in r.read().lower()
+        from gradio_client import Client
+
+        client = Client(url, verbose=False)  # an open stream must not hold the shutdown
+        assert len(client.predict(api_name="/images")) == 8
+        proc.terminate()
+        assert proc.wait(20) == 143  # SIGTERM unwinds through app.py's finally (which stops the trainer)
     finally:
         stop_app(proc)
 
