@@ -69,6 +69,7 @@ def _free_port() -> int:
 
 def start_app(dataset: Path, work: Path, extra_env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
     """``app.py`` on a free loopback port with a fast trainer; returns the process and its URL once it answers."""
+    dataset, work = Path(dataset).resolve(), Path(work).resolve()  # the app runs in ``work``
     port = _free_port()
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", **TRAINER_ENV, **(extra_env or {})}
     cmd = [sys.executable, str(ROOT / "app.py"), "--dataset", str(dataset), "--workdir", str(work / "state")]
