@@ -33,7 +33,7 @@ CREATE INDEX IF NOT EXISTS labels_image ON labels(image_id, id);
 CREATE TABLE IF NOT EXISTS models (
     version INTEGER PRIMARY KEY, path TEXT NOT NULL, status TEXT NOT NULL, metrics TEXT NOT NULL,
     label_revision INTEGER NOT NULL, labelled_images INTEGER NOT NULL, labelled_pixels INTEGER NOT NULL,
-    created_at REAL NOT NULL, published_at REAL, error TEXT);
+    created_at REAL NOT NULL, published_at REAL, error TEXT, owner TEXT);
 CREATE TABLE IF NOT EXISTS status (key TEXT PRIMARY KEY, value TEXT NOT NULL, updated_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS requests (
     id INTEGER PRIMARY KEY, kind TEXT NOT NULL, created_at REAL NOT NULL, handled_at REAL);
@@ -47,6 +47,12 @@ CREATE TABLE IF NOT EXISTS scores (
     map BLOB, created_at REAL NOT NULL, PRIMARY KEY (version, image_id));
 CREATE TABLE IF NOT EXISTS thumbnails (image_id INTEGER PRIMARY KEY, vector BLOB NOT NULL);
 """
+
+# Columns added to SCHEMA's tables after databases were made without them: (table, column, declaration).
+# A new database has them from SCHEMA; an older one gets them once, when it is next opened (:func:`_migrate`).
+ADDED_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("models", "owner", "TEXT"),  # the process training a version (registry.RoundOwner as JSON); NULL before
+)
 
 
 class StoreError(ValueError):
@@ -94,6 +100,7 @@ class Database:
         self.image_root = Path(image_root) if image_root is not None else None
         self._local = threading.local()
         self._con().executescript(SCHEMA)  # executescript manages its own transaction
+        self._migrate()
 
     def _con(self) -> sqlite3.Connection:
         con = getattr(self._local, "con", None)
@@ -142,6 +149,23 @@ class Database:
             yield con
         finally:
             con.execute("COMMIT")
+
+    def _columns(self, table: str) -> set[str]:
+        return {r[1] for r in self._con().execute(f"PRAGMA table_info({table})").fetchall()}
+
+    def _migrate(self) -> None:
+        """Add the :data:`ADDED_COLUMNS` an older database lacks, in one transaction.
+
+        Looked at without a lock first, so opening a current database writes nothing; the write lock is taken
+        only when something is missing, and the columns are looked at again under it, so two processes opening
+        the same older database at once add each column once.
+        """
+        if all(column in self._columns(table) for table, column, _ in ADDED_COLUMNS):
+            return
+        with self.transaction() as con:
+            for table, column, declaration in ADDED_COLUMNS:
+                if column not in self._columns(table):
+                    con.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
 
     def close(self) -> None:
         """Close this thread's connection."""

@@ -289,19 +289,28 @@ class TrainerLoop:
         return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_round_seconds=float(cap)))
 
     def recover(self) -> None:
-        """Mark rounds that a dead trainer left 'training' as failed, and drop their files.
+        """Mark rounds that a dead process left 'training' as failed, and drop their files.
 
         A trainer killed mid-round leaves its files in the staging folder; one killed mid-publish, between the
         rename and the row's flip to published, leaves them in the version's own folder. The row is failed
         first, so nothing serves those files while they go; version numbers are never reused, so no later round
         would replace that folder. Only a folder where rounds put versions (:func:`version_dir`) is removed.
+
+        A round whose owner still runs (a ``python -m labelsmart train`` started before this trainer, say) is
+        left to it; rows without an owner come from older registries, whose rounds have long ended.
         """
         for m in self.store.models():
-            if m.status == "training":
-                self.store.fail_model(m.version, "interrupted: the trainer process stopped during this round")
-                shutil.rmtree(staging_dir(m.folder), ignore_errors=True)
-                if m.folder.resolve() == version_dir(self.cfg.project_models_dir, m.version).resolve():
-                    shutil.rmtree(m.folder, ignore_errors=True)
+            if m.status != "training":
+                continue
+            if m.owner is not None and m.owner.is_alive():
+                log.info(
+                    "version %d is being trained by process %d on %s; left to it", m.version, m.owner.pid, m.owner.host
+                )
+                continue
+            self.store.fail_model(m.version, "interrupted: the process training it stopped during this round")
+            shutil.rmtree(staging_dir(m.folder), ignore_errors=True)
+            if m.folder.resolve() == version_dir(self.cfg.project_models_dir, m.version).resolve():
+                shutil.rmtree(m.folder, ignore_errors=True)
 
     def step(self) -> bool:
         """One poll: maybe run a round. Returns True if a round ran (published or failed)."""

@@ -188,3 +188,56 @@ def test_a_trainer_killed_mid_publish_serves_the_version_before_and_the_next_sta
     assert sorted(p.name for p in v3.iterdir()) == VERSION_FILES
     assert predictor.refresh() is True and predictor.version == 3
     assert sorted(p.name for p in models.iterdir()) == ["v0001", "v0003"]
+
+
+_BEGIN_AND_SLEEP = """
+import sys, time
+from pathlib import Path
+from labelsmart.store import Store, staging_dir, version_dir
+store = Store(Path(sys.argv[1]), image_root=Path(sys.argv[2]))
+version = store.begin_model(Path(sys.argv[3]), store.snapshot())  # what a CLI round does first
+staging_dir(version_dir(Path(sys.argv[3]), version)).mkdir(parents=True)
+print(version, flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_round_of_another_live_process_survives_recovery_and_is_failed_once_that_process_died(tiny_cfg) -> None:
+    import subprocess
+    import sys
+
+    store = _labelled(tiny_cfg)
+    models = tiny_cfg.project_models_dir
+    args = [str(tiny_cfg.db_path), str(tiny_cfg.image_root), str(models)]
+    proc = subprocess.Popen([sys.executable, "-c", _BEGIN_AND_SLEEP, *args], stdout=subprocess.PIPE, text=True)
+    try:
+        version = int(proc.stdout.readline())
+        row = store.models()[-1]
+        assert row.version == version and row.owner is not None and row.owner.pid == proc.pid
+        assert row.owner.start is not None  # the start time too, so a reused pid is not taken for it
+        TrainerLoop(tiny_cfg, store).recover()  # the app's trainer starting while the CLI round runs
+        row = store.models()[-1]
+        assert row.status == "training" and staging_dir(version_dir(models, version)).is_dir()
+    finally:
+        proc.kill()
+        proc.wait()
+    TrainerLoop(tiny_cfg, store).recover()  # the next start, after that process died
+    row = store.models()[-1]
+    assert row.status == "failed" and row.error.startswith("interrupted")
+    assert not staging_dir(version_dir(models, version)).exists()
+
+
+def test_a_reused_pid_or_a_row_without_owner_is_failed_by_recovery(tiny_cfg) -> None:
+    from labelsmart.store.registry import RoundOwner
+
+    store = _labelled(tiny_cfg)
+    models = tiny_cfg.project_models_dir
+    me = RoundOwner.current()
+    for version in (1, 2, 3):
+        store.add_model(version, version_dir(models, version), store.snapshot())  # no owner, as older rows
+    with store.transaction() as con:  # 1: this live pid, but started at another time (a later process under it)
+        stale = dataclasses.replace(me, start=f"{me.start}0" if me.start else "proc:another-boot:1")
+        con.execute("UPDATE models SET owner=? WHERE version=1", (stale.to_json(),))
+        con.execute("UPDATE models SET owner=? WHERE version=3", (me.to_json(),))  # this very process: alive
+    TrainerLoop(tiny_cfg, store).recover()
+    assert [m.status for m in store.models()] == ["failed", "failed", "training"]
