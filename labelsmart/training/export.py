@@ -13,6 +13,7 @@ import logging
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -123,7 +124,13 @@ def check_parity(model: SegModel, onnx_path: Path, threads: int | None = None) -
     return worst
 
 
-def export_onnx(checkpoint: Path, out: Path, metrics: dict[str, Any] | None = None, opset: int = 18) -> Sidecar:
+def export_onnx(
+    checkpoint: Path,
+    out: Path,
+    metrics: dict[str, Any] | None = None,
+    opset: int = 18,
+    graph: Callable[[SegModel, Path, int], str] | None = None,
+) -> Sidecar:
     """Export a checkpoint's segmentation path to ``out`` and write its sidecar (``out`` with ``.json``).
 
     Args:
@@ -131,6 +138,8 @@ def export_onnx(checkpoint: Path, out: Path, metrics: dict[str, Any] | None = No
         out: target ``.onnx`` file; its folder is created.
         metrics: metrics for the sidecar; the checkpoint's own when None.
         opset: ONNX opset.
+        graph: writes the graph file, as :func:`export_graph` (the default) does; the continuous trainer passes
+            its graph template's, which writes an exported graph with new weights. The checks below run either way.
 
     Returns:
         The sidecar written.
@@ -147,7 +156,7 @@ def export_onnx(checkpoint: Path, out: Path, metrics: dict[str, Any] | None = No
     tmp_json = _temp_path(sidecar_path(out), ".json.tmp")
     moved = False
     try:
-        exporter = export_graph(model, tmp_onnx, opset)
+        exporter = (graph or export_graph)(model, tmp_onnx, opset)
         try:
             onnx.checker.check_model(onnx.load(str(tmp_onnx)), full_check=True)
         except Exception as exc:
