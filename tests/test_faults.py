@@ -313,6 +313,102 @@ def test_a_preannotation_on_a_full_disk_stops_and_the_next_run_completes_it(
     assert all((out / f).read_bytes() == (clean / f).read_bytes() for f in made)
 
 
+FULL_DISK_TICKETS = "LABELSMART_TEST_FULL_DISK"  # a Ray worker's disk fills up: the folder counting its writes
+
+
+def _a_ray_worker_on_a_full_disk() -> None:
+    """Ray's ``worker_process_setup_hook``: every worker's atomic writes share one disk (a folder of tickets,
+    one per mask written, named in ``$LABELSMART_TEST_FULL_DISK``) that fills up at the fourth mask and stays
+    full (every write after, mask or overlay, fails with ENOSPC), whichever worker writes."""
+    import errno
+    import os
+    from pathlib import Path
+
+    from labelsmart import imageio
+
+    tickets = Path(os.environ[FULL_DISK_TICKETS])
+    real = imageio.atomic_write_bytes
+
+    def write(path: Path, data: bytes) -> None:
+        if not (tickets / "full").exists() and Path(path).suffix == ".png":
+            n = 1
+            while True:  # the next ticket, taken atomically across processes
+                try:
+                    os.close(os.open(tickets / str(n), os.O_CREAT | os.O_EXCL))
+                    break
+                except FileExistsError:
+                    n += 1
+            if n >= 4:
+                (tickets / "full").touch()
+        if (tickets / "full").exists():
+            (tickets / f"failed-{os.getpid()}-{Path(path).name}").touch()
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        real(path, data)
+
+    imageio.atomic_write_bytes = write
+
+
+def test_a_ray_preannotation_on_a_full_disk_stops_as_the_local_engine_does(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The disk of Ray's workers fills up at the fourth mask: the run stops with the local engine's sentence
+    instead of listing every image after as failed, and the next run completes it."""
+    pytest.importorskip("ray.data", reason="Ray is an optional extra: pip install -r requirements-ray.txt")
+    import ray
+    from ray import cloudpickle
+
+    model = write_toy_model(tmp_path / "model" / "toy.onnx", version=3)
+    images = tmp_path / "imgs"
+    images.mkdir()
+    for i in range(12):
+        img, _ = synth_scene(i, 48, 64)
+        assert cv2.imwrite(str(images / f"img{i:02d}.png"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+    clean, out, tickets = tmp_path / "clean", tmp_path / "out", tmp_path / "tickets"
+    tickets.mkdir()
+    ray_argv = [*_preannotate_argv(model, images, out), "--engine", "ray"]
+    assert main(_preannotate_argv(model, images, clean)) == 0
+    capsys.readouterr()
+
+    # the hook travels by value (tests/ is not on the workers' path), and finds labelsmart where this test does
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    root = str(Path(imageio.__file__).resolve().parents[1])
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    try:
+        ray.init(
+            num_cpus=2,
+            include_dashboard=False,
+            log_to_driver=False,
+            configure_logging=False,
+            runtime_env={
+                "worker_process_setup_hook": _a_ray_worker_on_a_full_disk,
+                "env_vars": {FULL_DISK_TICKETS: str(tickets), "PYTHONPATH": path},
+            },
+        )
+        assert main(ray_argv) == 1  # run_ray uses the instance already started
+    finally:
+        ray.shutdown()
+        cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+    cap = capsys.readouterr()
+    line = error_line(cap.err)
+    assert line.startswith(f"error: the disk holding {out} is full, so the run stopped (the outputs of img")
+    assert line.endswith("were not written); free space and run the same command again: it goes on where it stopped.")
+    assert "done=" not in cap.out  # it stopped; it did not carry on failing image after image
+    assert (tickets / "full").exists() and list(tickets.glob("failed-*"))  # the workers' disk did fill up
+    first = _manifest(out)
+    assert len(first) < 12 and not (out / pipeline.ERRORS_NAME).exists()  # the rest are not done, nor failed
+    assert not list(out.rglob("*.tmp"))
+    for image, record in first.items():  # what the manifest lists is there, whole
+        assert (out / record["mask"]).read_bytes() == (clean / record["mask"]).read_bytes(), image
+
+    assert main(ray_argv) == 0  # space freed (a fresh Ray instance, without the full disk)
+    counts = dict(kv.split("=") for kv in capsys.readouterr().out.strip().splitlines()[-1].split())
+    assert counts == {"done": str(12 - len(first)), "skipped": str(len(first)), "failed": "0"}
+    assert _manifest(out) == _manifest(clean)
+    made = sorted(p.relative_to(clean) for p in clean.rglob("*") if p.is_file() and p.suffix in (".png", ".jpg"))
+    assert sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file() and p.suffix in (".png", ".jpg")) == made
+    assert all((out / f).read_bytes() == (clean / f).read_bytes() for f in made)
+
+
 class _FullFile:
     """A text file on a full disk: writes are buffered, every flush fails with ENOSPC."""
 

@@ -9,8 +9,9 @@ Ray Data streams the same three steps as the local pipeline, each where it runs 
    (:func:`labelsmart.preannotate.pipeline.write_outputs`).
 
 The driver appends the records to the manifest as they stream back, so resuming, the manifest and the
-COCO file work exactly as with the local engine, and the files written are the same. The model file, the
-images and the output folder must be reachable under the same paths from every node (a shared
+COCO file work exactly as with the local engine, and the files written are the same. A full disk stops the
+run with the local engine's sentence (:class:`labelsmart.preannotate.pipeline.OutputFullError`). The model
+file, the images and the output folder must be reachable under the same paths from every node (a shared
 filesystem); on a single machine that is always so. Ray is an optional extra:
 ``pip install -r requirements-ray.txt``.
 """
@@ -115,24 +116,34 @@ class _Infer:
 
 
 def _write_batch(rows: dict[str, np.ndarray], out: str, info: pipeline.ModelInfo, overlays: bool) -> dict[str, Any]:
-    """Ray Data step 3: write each image's files; returns its manifest record (as JSON) or its error."""
+    """Ray Data step 3: write each image's files; returns its manifest record (as JSON) or its error.
+
+    A full disk is not an image's error: that image's ``full`` column holds the sentence of
+    :func:`labelsmart.preannotate.pipeline.stop_when_full`, the images after it in the batch are not written
+    (nor recorded), and the driver stops the run there, as the local engine does.
+    """
     import json
 
-    records, errors = [], []
+    records, errors, full = [], [], []
+    stopped = ""
     for i, rel in enumerate(rows["rel"]):
         error = str(rows["error"][i])
         record = ""
-        if not error:
+        if not error and not stopped:
+            where = Path(str(rel))
             try:
-                rec = pipeline.write_outputs(
-                    Path(out), Path(str(rel)), rows["image"][i], rows["mask"][i], rows["confidence"][i], info, overlays
-                )
+                with pipeline.stop_when_full(Path(out), f"the outputs of {where.as_posix()} were not written"):
+                    image, mask, confidence = rows["image"][i], rows["mask"][i], rows["confidence"][i]
+                    rec = pipeline.write_outputs(Path(out), where, image, mask, confidence, info, overlays)
                 record = json.dumps(rec)
+            except pipeline.OutputFullError as exc:
+                stopped = str(exc)
             except OSError as exc:
                 error = pipeline.WRITE_FAILED.format(exc, out)
         records.append(record)
         errors.append(error)
-    return {"rel": rows["rel"], "record": _column(records), "error": _column(errors)}
+        full.append(stopped)
+    return {"rel": rows["rel"], "record": _column(records), "error": _column(errors), "full": _column(full)}
 
 
 def _actor_plan(resources: dict[str, float], device: str, threads: int) -> tuple[int, int, dict[str, int], int, int]:
@@ -165,6 +176,10 @@ def run_ray(
     num_cpus: int | None = None,
 ) -> None:
     """Pre-annotate ``todo`` on Ray; ``on_outcome`` is called in the driver once per image.
+
+    Raises:
+        OutputFullError: the disk holding ``out`` filled up; the images reported so far are done, the rest are
+            not (the same sentence as the local engine's, and the same resume).
 
     Args:
         address: a running cluster (``ray://host:10001`` or ``auto``); None starts a local Ray instance.
@@ -222,7 +237,9 @@ def run_ray(
             fn_kwargs={"out": str(out), "info": info, "overlays": overlays},
         )
         for rows in ds.iter_batches(batch_format="numpy", batch_size=None):
-            for rel, record, error in zip(rows["rel"], rows["record"], rows["error"], strict=True):
+            for rel, record, error, full in zip(rows["rel"], rows["record"], rows["error"], rows["full"], strict=True):
+                if full:  # the images reported so far are done; the rest (some perhaps written) are done again
+                    raise pipeline.OutputFullError(str(full))
                 if error:
                     on_outcome(pipeline.Outcome(Path(str(rel)), error=str(error)))
                 else:
