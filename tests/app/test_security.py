@@ -1,6 +1,7 @@
 """Path traversal and upload size, over real HTTP against the launched app: every name the server takes from a
 request (Gradio's ``file=`` route, the upload route's file names, the export format, the image URLs of Label
-Studio's tasks) stays inside the folders it is meant for, and an upload over ``--max-upload`` is refused."""
+Studio's tasks) stays inside the folders it is meant for, an upload over ``--max-upload`` is refused, and so is any
+other request body over ``--max-request`` (declared or chunked)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from labelsmart.project import open_project
 
 SECRET = "labelsmart-secret-3f9c1e"  # in a file outside every folder the server may serve
 LIMIT = 64 << 10  # --max-upload of the launched app
+REQUEST_LIMIT = 32 << 10  # its --max-request: below LIMIT, so an upload that fits shows uploads keep their own limit
 
 
 class App:
@@ -67,7 +69,9 @@ def app(tmp_path_factory) -> Iterator[App]:
         tmp / "data",
         tmp,
         extra_env={"GRADIO_TEMP_DIR": str(tmp / "gradio-uploads")},
-        extra_args=["--no-trainer", "--max-upload", f"{LIMIT // 1024}kb"],
+        extra_args=[
+            *("--no-trainer", "--max-upload", f"{LIMIT // 1024}kb", "--max-request", f"{REQUEST_LIMIT // 1024}kb")
+        ],
     )
     try:
         yield App(tmp, url)
@@ -149,6 +153,47 @@ def test_an_upload_over_the_limit_is_refused_and_upload_names_stay_in_the_upload
         assert Path(kept).resolve().is_relative_to(app.uploads.resolve()), (name, kept)
     assert _files_under(app.tmp) - _files_under(app.uploads) == before  # nothing written outside the upload folder
     assert not absolute.exists()
+
+
+def _post_chunked(app: App, path: str, chunks: list[bytes]) -> tuple[int, bytes]:
+    """POST a body with ``Transfer-Encoding: chunked``: no length declared, the server learns it as it reads."""
+    conn = http.client.HTTPConnection("127.0.0.1", app.port, timeout=120)
+    try:
+        conn.request("POST", path, body=iter(chunks), headers={"Content-Type": "application/json"}, encode_chunked=True)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    except (BrokenPipeError, ConnectionResetError):  # refused before all of it was sent: read what it said
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def test_a_json_body_over_the_request_limit_is_refused_declared_or_chunked(app: App):
+    """Gradio's JSON routes and the Label Studio backend's take bodies up to ``--max-request``; over it, declared in
+    Content-Length or streamed in chunks, 413 with a sentence naming the option; a normal request passes."""
+    many = {"tasks": [{"id": k, "data": {"image": f"/data/local-files/?d=x/frame_{k:03d}.png"}} for k in range(2000)]}
+    big = json.dumps(many).encode()
+    assert len(big) > REQUEST_LIMIT
+    sentence = (
+        f"the request body is over the {REQUEST_LIMIT >> 10} KB this server takes; send less at once, or start the "
+        "app with a larger --max-request."
+    )
+    status, body = app.post("/labelstudio/predict", big, "application/json")
+    assert (status, json.loads(body)) == (413, {"error": sentence})
+    status, body = app.post("/gradio_api/queue/join", big, "application/json")
+    assert (status, json.loads(body)) == (413, {"detail": sentence})
+    chunks = [big[i : i + 4096] for i in range(0, len(big), 4096)]
+    for path in ("/labelstudio/webhook", "/gradio_api/queue/join"):
+        status, body = _post_chunked(app, path, chunks)
+        assert status == 413 and sentence in body.decode(), (path, status, body[:200])
+
+    small = json.dumps({"tasks": many["tasks"][:1]}).encode()
+    status, body = app.post("/labelstudio/predict", small, "application/json")
+    assert status == 200 and "results" in json.loads(body), body[:200]  # the project's own image, no model yet
+    status, body = _post_chunked(app, "/labelstudio/predict", [small[:10], small[10:]])
+    assert status == 200, body[:200]
+    assert app.get("/labelstudio/health")[0] == 200 and app.get("/config")[0] == 200
 
 
 def test_the_default_upload_limit_holds_the_largest_image_the_editor_sends():
