@@ -84,13 +84,37 @@ class TrainConfig:
     threads: int = 0  # torch CPU threads (0 = all cores)
     seed: int = 0
     val_min_images: int = 10  # hold out images for validation only once this many are labelled
-    val_every: int = 5  # then every n-th labelled image (by id) is held out
+    val_every: int = 5  # then every n-th labelled image (by id; continuous: by a hash of the id) is held out
+    ema_decay: float = 0.98  # continuous trainer: the published weights are this moving average of the trained ones
 
 
 @dataclass(frozen=True)
 class TriggerConfig:
-    """When the background trainer starts a round."""
+    """When the background trainer trains and publishes.
 
+    ``mode`` ``continuous`` (the default, :mod:`labelsmart.training.continuous`): one network trains without a
+    pause while there are labels; a save joins the training set at the next poll. A version is published
+
+    - the first time after ``first_publish_steps`` steps (the first pre-annotation comes quickly),
+    - then after ``publish_min_steps`` steps on labels the served version has not seen,
+    - or every ``publish_every_s`` of further training without new labels,
+    - at most every ``publish_min_interval_s``, and at once on "Train now";
+
+    and only if it scores no worse than the served version on the held-out labels, less ``publish_tolerance``
+    (mIoU, 0..1). After ``idle_after_s`` without new labels or a better held-out score the trainer idles until the
+    next save. Only the newest ``keep_versions`` published versions keep their files (0 keeps all).
+
+    ``mode`` ``rounds``: capped rounds, each started when ``min_new_pixels`` arrived and ``min_interval_s`` passed.
+    """
+
+    mode: str = "continuous"  # continuous | rounds
+    first_publish_steps: int = 30
+    publish_min_steps: int = 30
+    publish_min_interval_s: float = 15.0
+    publish_every_s: float = 120.0
+    publish_tolerance: float = 0.02
+    idle_after_s: float = 300.0
+    keep_versions: int = 20
     min_new_pixels: int = 500  # new labelled pixels since the last round's snapshot
     min_interval_s: float = 30.0  # at most one automatic round per interval ("Train now" ignores it)
     min_classes: int = 2  # a round needs labels of at least this many classes

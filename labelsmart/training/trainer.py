@@ -8,6 +8,7 @@ crash or an out-of-memory kill in training never takes the UI down.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing as mp
 import os
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[dict[str, Any]], None]
+TRAINER_NICENESS = 10  # the trainer process runs this much below the app's priority
 
 
 class TrainerError(RuntimeError):
@@ -386,6 +388,18 @@ class TrainerLoop:
                 time.sleep(self.cfg.trigger.poll_s)
 
 
+def make_loop(cfg: Config, store: Store) -> TrainerLoop:
+    """The trainer's loop for ``trigger.mode``: the continuous trainer, or rounds."""
+    mode = cfg.trigger.mode
+    if mode == "continuous":
+        from labelsmart.training.continuous import ContinuousTrainer
+
+        return ContinuousTrainer(cfg, store)
+    if mode == "rounds":
+        return TrainerLoop(cfg, store)
+    raise ValueError(f"trigger.mode is {mode!r}; set LABELSMART_TRIGGER_MODE to continuous or rounds.")
+
+
 def trainer_main(cfg: Config) -> None:
     """Entry point of the trainer process. It ends when the process that started it is gone.
 
@@ -394,8 +408,10 @@ def trainer_main(cfg: Config) -> None:
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s trainer %(levelname)s %(name)s: %(message)s")
     parent = os.getppid()
+    with contextlib.suppress(OSError):  # below the page's priority: saves and pre-annotations answer first
+        os.nice(TRAINER_NICENESS)
     store = Store(cfg.db_path, image_root=cfg.image_root)
-    TrainerLoop(cfg, store).run(stop=lambda: os.getppid() != parent)
+    make_loop(cfg, store).run(stop=lambda: os.getppid() != parent)
     log.info("the app (pid %d) is gone; trainer exits", parent)
 
 
