@@ -69,11 +69,13 @@ class LoopSettings:
     eval_threads: int = 0  # ONNX Runtime threads for evaluating the versions afterwards (0 = all cores)
     wait_model_s: float = 0.0  # then wait up to this long for a version that includes the save (a patient annotator)
     overrides: Mapping[str, Any] = field(default_factory=dict)  # config.load flags, e.g. {"train.steps": 20}
+    rf_every: int = 0  # afterwards, every this many images: rf on the same strokes against the served model
+    tag: str = ""  # run name prefix, to put runs of two settings side by side in one report
 
     @property
     def run_name(self) -> str:
         """Folder name of this run under ``out``."""
-        return f"{self.order}-{self.labels}"
+        return f"{self.tag + '-' if self.tag else ''}{self.order}-{self.labels}"
 
 
 def image_scores(gt: np.ndarray, pred: np.ndarray, num_classes: int) -> dict[str, float]:
@@ -138,7 +140,12 @@ def run_loop(settings: LoopSettings, progress: Callable[[str], None] | None = No
     run_dir = Path(st.out) / st.run_name
     run_dir.mkdir(parents=True, exist_ok=True)
     work = Path(st.workdir) / f"{st.run_name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    flags = {"dataset": str(st.pool), "workdir": str(work / "state"), "models_dir": str(work / "models")}
+    flags = {
+        "dataset": str(st.pool),
+        "workdir": str(work / "state"),
+        "models_dir": str(work / "models"),
+        "trigger.keep_versions": 0,  # every version is evaluated afterwards
+    }
     cfg = config.load({**flags, **dict(st.overrides)})
     store = Store(cfg.db_path, image_root=cfg.image_root)
     store.ensure_classes(load_classes_file(st.pool / "classes.json"), source=str(st.pool / "classes.json"))
@@ -254,6 +261,11 @@ def run_loop(settings: LoopSettings, progress: Callable[[str], None] | None = No
             say(f"evaluating v{m.version} on {split} ({len(names)} images)")
             entry["eval"][split] = evaluate_version(m.onnx, eval_folder, names, st.eval_threads)
         versions.append(entry)
+    rf_rows = (
+        rf_checkpoints(store, records, id_by_name, eval_folder, eval_names, versions, st.rf_every, say)
+        if st.rf_every > 0
+        else []
+    )
     first_shown = min(shown_at.values()) if shown_at else None
     summary = {
         "summary": True,
@@ -270,6 +282,7 @@ def run_loop(settings: LoopSettings, progress: Callable[[str], None] | None = No
         "show_cached_ms_median": _median([r["show_cached_ms"] for r in records]),
         "preannotation_miou_mean": _mean([r["preannotation_miou"] for r in records]),
         "versions": versions,
+        "rf": rf_rows,
         "workdir": str(work),
         "date": time.strftime("%Y-%m-%d %H:%M"),
     }
@@ -279,6 +292,38 @@ def run_loop(settings: LoopSettings, progress: Callable[[str], None] | None = No
         fh.write(json.dumps(summary) + "\n")
     write_report(Path(st.out))
     return summary
+
+
+def rf_checkpoints(
+    store: Store,
+    records: Sequence[dict[str, Any]],
+    id_by_name: Mapping[str, int],
+    eval_folder: DataFolder,
+    eval_names: Mapping[str, Sequence[str]],
+    versions: Sequence[dict[str, Any]],
+    every: int,
+    say: Callable[[str], None],
+) -> list[dict[str, Any]]:
+    """After images k = every, 2 every, ...: the ilastik-style random forest fitted on the labels saved for images
+    1..k, and the version that served the next image (the newest one at the end), both on the eval splits."""
+    from labelsmart.bench.rf_baseline import RandomForestPeer
+
+    by_version = {v["version"]: v["eval"] for v in versions}
+    rows = []
+    for k in range(every, len(records) + 1, every):
+        ids = [id_by_name[r["image"]] for r in records[:k]]
+        revs = [(i, store.current_revision(i)) for i in ids]
+        pairs = [(i, store.load_revision(rev.id)) for i, rev in revs if rev is not None]
+        rf = RandomForestPeer(seed=0)
+        say(f"random forest on the labels of images 1-{k}")
+        rf.fit(len(pairs), lambda j, pairs=pairs: (store.read_image(pairs[j][0]), pairs[j][1]), [m for _, m in pairs])
+        served = records[k]["model_version"] if k < len(records) else (versions[-1]["version"] if versions else None)
+        row = {"k": k, "served_version": served, "served": by_version.get(served, {}), "rf": {}}
+        for split, names in eval_names.items():
+            s = evaluate(rf.predict, eval_folder, names)
+            row["rf"][split] = {"miou": round(s["miou"], 4), "pixel_acc": round(s["pixel_acc"], 4)}
+        rows.append(row)
+    return rows
 
 
 def _covered(store: Store, revision: int, serving: int | None) -> bool:
@@ -342,6 +387,16 @@ def format_report(runs: Mapping[str, tuple[list[dict[str, Any]], dict[str, Any]]
                 f"| {name} | v{v['version']} | {v['labelled_images']} | {_num(v['published_s'])} "
                 f"| {_num(v['round_seconds'])} | {ev} |"
             )
+    rf_runs = [(name, s) for name, (_recs, s) in runs.items() if s.get("rf")]
+    if rf_runs:
+        out += ["", "| run | after image | served version | served eval mIoU | rf on the same strokes, eval mIoU |"]
+        out.append("|---|---:|---:|---|---|")
+        for name, s in rf_runs:
+            for r in s["rf"]:
+                served = ", ".join(f"{k} {_pct(e['miou'])}" for k, e in r["served"].items()) or "—"
+                rf = ", ".join(f"{k} {_pct(e['miou'])}" for k, e in r["rf"].items())
+                version = "—" if r["served_version"] is None else f"v{r['served_version']}"
+                out.append(f"| {name} | {r['k']} | {version} | {served} | {rf} |")
     names = list(runs)
     out += ["", "| k | " + " | ".join(f"{n}: image, model, pre-annotation mIoU" for n in names) + " |"]
     out.append("|---:|" + "---|" * len(names))

@@ -131,6 +131,8 @@ def cmd_bench_loop(args: argparse.Namespace) -> int:
             seconds_per_image=args.seconds_per_image,
             eval_threads=args.threads,
             overrides=overrides,
+            rf_every=args.rf_every,
+            tag=args.tag,
         )
         summary = loop.run_loop(settings)
         print(json.dumps({k: v for k, v in summary.items() if k != "versions"}))
@@ -295,6 +297,14 @@ def register(sub: SubParsers) -> None:
     lp.add_argument("--workdir", help="project state and models of the runs (default: a folder in the temp dir)")
     lp.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads when evaluating (default all cores)")
     lp.add_argument("--set", action="append", metavar="KEY=VALUE", help="change any SECTION.FIELD setting (repeatable)")
+    lp.add_argument(
+        "--rf-every",
+        dest="rf_every",
+        type=int,
+        default=0,
+        help="afterwards, every N images: the random forest on the same strokes against the served model (0 = off)",
+    )
+    lp.add_argument("--tag", default="", help="run name prefix, for runs of two settings in one --out folder")
     lp.add_argument("--out", required=True, help="output folder: <order>-<labels>/loop.jsonl, loop.md, loop.png")
     lp.set_defaults(func=cmd_bench_loop)
     le = bsub.add_parser("label-efficiency", help="mIoU against labelled images: labelsmart, CE only, random forest")

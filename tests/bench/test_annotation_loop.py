@@ -54,9 +54,13 @@ def test_loop_runs_the_real_trainer_and_writes_results(tiny_dataset: Path, tmp_p
         wait_model_s=240.0,  # a patient annotator: the next image waits for a model trained on this one
         eval_threads=1,
         overrides=FAST,
+        rf_every=1,
+        tag="cont",
     )
     summary = loop.run_loop(settings)
-    lines = [json.loads(x) for x in (tmp_path / "out" / "suggested-scribble" / "loop.jsonl").read_text().splitlines()]
+    lines = [
+        json.loads(x) for x in (tmp_path / "out" / "cont-suggested-scribble" / "loop.jsonl").read_text().splitlines()
+    ]
     recs, last = lines[:-1], lines[-1]
     assert last == json.loads(json.dumps(summary)) and last["summary"] and last["order"] == "suggested"
     assert [r["k"] for r in recs] == [1, 2] and len({r["image"] for r in recs}) == 2
@@ -68,8 +72,14 @@ def test_loop_runs_the_real_trainer_and_writes_results(tiny_dataset: Path, tmp_p
     assert last["time_to_first_prediction_s"] > 0 and last["save_to_new_model_s_median"] > 0
     assert last["versions"] and all(0.0 <= v["eval"]["val"]["miou"] <= 1.0 for v in last["versions"])
     assert "suggested" in recs[1]  # what Next offered (the list order until a model has scored the images)
+    assert [r["k"] for r in last["rf"]] == [1, 2]  # the random forest on the strokes of images 1..k
+    assert all(0.0 <= r["rf"]["val"]["miou"] <= 1.0 for r in last["rf"]) and last["rf"][1]["served"]
     md = (tmp_path / "out" / "loop.md").read_text()
-    assert "suggested-scribble" in md and (tmp_path / "out" / "loop.png").stat().st_size > 1000
+    assert (
+        "cont-suggested-scribble" in md
+        and "rf on the same strokes" in md
+        and (tmp_path / "out" / "loop.png").stat().st_size > 1000
+    )
 
 
 def test_bench_loop_refuses_a_wrong_folder_in_one_sentence(tmp_path: Path, capsys):
