@@ -3,11 +3,16 @@
 Only the segmentation path (``SegModel.forward``: image -> logits) is exported, with dynamic batch,
 height and width. The file and its sidecar are written to temporary names in the target folder and moved
 into place only after the parity check passes, so a failed export leaves nothing behind.
+
+Export runs on the CPU. Out of memory in it (the exporter, ``onnx.checker`` or the parity check) frees memory and
+retries once, sparing it: the parity inputs one at a time, ONNX Runtime without its memory arena. Out of memory
+again is one :class:`ExportError` sentence saying what to do.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import gc
 import json
 import logging
 import os
@@ -25,6 +30,7 @@ import torch
 from labelsmart.config import PreprocessConfig
 from labelsmart.serving.sidecar import INPUT_NAME, OUTPUT_NAME, Sidecar, sidecar_path
 from labelsmart.training.model import SegModel, load_checkpoint
+from labelsmart.training.round import is_out_of_memory
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +40,22 @@ PARITY_RTOL = 1e-3  # of the logits' scale (at least 1)
 
 class ExportError(RuntimeError):
     """The export failed or does not match PyTorch; nothing was written."""
+
+
+ORT_OUT_OF_MEMORY = ("Failed to allocate memory", "bad allocation", "bad_alloc")  # ONNX Runtime's words for it
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc``, or an exception it was raised from, is an allocator out of memory: torch's
+    (:func:`labelsmart.training.round.is_out_of_memory`), Python's ``MemoryError``, or ONNX Runtime's."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if is_out_of_memory(e) or isinstance(e, MemoryError) or any(w in str(e) for w in ORT_OUT_OF_MEMORY):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def _temp_path(out: Path, suffix: str) -> Path:
@@ -95,22 +117,29 @@ def export_graph(model: SegModel, path: Path, opset: int, example_input: torch.T
     return "torchscript"
 
 
-def check_parity(model: SegModel, onnx_path: Path, threads: int | None = None) -> float:
+def check_parity(model: SegModel, onnx_path: Path, threads: int | None = None, frugal: bool = False) -> float:
     """Largest absolute logit difference between ONNX Runtime (CPU) and PyTorch at :data:`PARITY_SHAPES`.
+
+    Args:
+        frugal: run the inputs of a batch one at a time, and ONNX Runtime without its memory arena (the same
+            numbers, less memory at once).
 
     Raises:
         ExportError: a shape differs or a difference exceeds ``PARITY_RTOL`` of the logits' scale.
     """
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads or torch.get_num_threads()
+    if frugal:
+        opts.enable_cpu_mem_arena = False
     session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
     gen = torch.Generator().manual_seed(0)
     worst = 0.0
     for shape in PARITY_SHAPES:
         x = torch.randn(*shape, generator=gen)  # (B, 3, H, W)
+        parts = list(x.split(1)) if frugal else [x]
         with torch.inference_mode():
-            ref = model(x).numpy()  # (B, K, H, W)
-        got = session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0]  # (B, K, H, W)
+            ref = np.concatenate([model(p).numpy() for p in parts])  # (B, K, H, W)
+        got = np.concatenate([session.run([OUTPUT_NAME], {INPUT_NAME: p.numpy()})[0] for p in parts])  # (B, K, H, W)
         if got.shape != ref.shape:
             raise ExportError(f"ONNX output shape {got.shape} differs from PyTorch {ref.shape} for input {shape}.")
         diff = float(np.abs(got - ref).max())
@@ -145,12 +174,50 @@ def export_onnx(
         The sidecar written.
 
     Raises:
-        ExportError: export, ``onnx.checker`` or the parity check failed; nothing was written.
+        ExportError: export, ``onnx.checker`` or the parity check failed, or it ran out of memory twice (once,
+            it is retried sparing memory); nothing was written.
         CheckpointError (a ValueError): the checkpoint is missing or corrupt.
     """
+    try:
+        return _export(Path(checkpoint), Path(out), metrics, opset, graph, frugal=False)
+    except Exception as exc:  # noqa: BLE001 - only out of memory is retried, the rest re-raised
+        if not out_of_memory(exc):
+            raise
+        first = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+    # out of the except block, so what the failed attempt held (in its traceback) is released
+    log.warning(
+        "out of memory exporting %s (%s); freeing memory and retrying once on the CPU, sparing memory", out, first
+    )
+    _free_memory()
+    try:
+        return _export(Path(checkpoint), Path(out), metrics, opset, graph, frugal=True)
+    except Exception as exc:  # noqa: BLE001
+        if not out_of_memory(exc):
+            raise
+    _free_memory()
+    raise ExportError(
+        f"out of memory exporting {out}, also when retried on the CPU; nothing was written. Close other programs "
+        "and export again (python -m labelsmart export), or export on a machine with more memory."
+    )
+
+
+def _free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _export(
+    checkpoint: Path,
+    out: Path,
+    metrics: dict[str, Any] | None,
+    opset: int,
+    graph: Callable[[SegModel, Path, int], str] | None,
+    frugal: bool,
+) -> Sidecar:
+    """One attempt of :func:`export_onnx`; ``frugal`` spares memory (:func:`check_parity`)."""
     t0 = time.monotonic()
-    out = Path(out)
-    model, ckpt = load_checkpoint(Path(checkpoint))
+    model, ckpt = load_checkpoint(checkpoint, map_location="cpu")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp_onnx = _temp_path(out, ".onnx.tmp")
     tmp_json = _temp_path(sidecar_path(out), ".json.tmp")
@@ -161,7 +228,7 @@ def export_onnx(
             onnx.checker.check_model(onnx.load(str(tmp_onnx)), full_check=True)
         except Exception as exc:
             raise ExportError(f"the exported ONNX graph does not pass onnx.checker ({exc}).") from exc
-        diff = check_parity(model, tmp_onnx)
+        diff = check_parity(model, tmp_onnx, frugal=frugal)
         pp = ckpt["preprocess"]
         sidecar = Sidecar(
             version=int(ckpt.get("version", 0)),

@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 import multiprocessing as mp
 import os
+from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -241,3 +243,190 @@ def test_a_reused_pid_or_a_row_without_owner_is_failed_by_recovery(tiny_cfg) -> 
         con.execute("UPDATE models SET owner=? WHERE version=3", (me.to_json(),))  # this very process: alive
     TrainerLoop(tiny_cfg, store).recover()
     assert [m.status for m in store.models()] == ["failed", "failed", "training"]
+
+
+# ------------------------------------------------------------------------------------------ out of memory in validation
+
+
+def _pairs(n: int = 3) -> list[tuple[np.ndarray, np.ndarray]]:
+    rng = np.random.default_rng(0)
+    return [(rng.integers(0, 255, (40, 48, 3), np.uint8), rng.integers(0, 3, (40, 48), np.uint8)) for _ in range(n)]
+
+
+class _Model(torch.nn.Module):
+    """Stands in for the network (predict_mask is faked): remembers where it was moved."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.moves: list[str] = []
+
+    def to(self, device: torch.device | str) -> _Model:  # type: ignore[override]
+        self.moves.append(torch.device(device).type)
+        return self
+
+
+def _tight_predictor(monkeypatch: pytest.MonkeyPatch, fails: dict[tuple[int, str], int], error: str) -> list:
+    """predict_mask that runs out of memory ``fails[(image, device)]`` times, then answers the label itself."""
+    from labelsmart.training import validation
+
+    calls: list[tuple[int, str]] = []
+    left = dict(fails)
+
+    def predict(model, image, pp, device):
+        i = next(k for k, (im, _) in enumerate(PAIRS) if im is image)
+        calls.append((i, device.type))
+        if left.get((i, device.type), 0) > 0:
+            left[(i, device.type)] -= 1
+            raise torch.OutOfMemoryError(error) if device.type == "cuda" else RuntimeError(error)
+        return PAIRS[i][1]
+
+    monkeypatch.setattr(validation, "predict_mask", predict)
+    return calls
+
+
+PAIRS = _pairs()
+
+
+def test_validation_out_of_memory_on_the_gpu_is_retried_then_goes_on_on_the_cpu(tiny_cfg, monkeypatch, caplog) -> None:
+    from labelsmart.training import validation
+
+    cuda = torch.device("cuda")
+    emptied: list[int] = []
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(1))
+    _tight_predictor(monkeypatch, {}, CUDA_OOM)
+    clean = validation.validate(_Model(), PAIRS, tiny_cfg, 3, torch.device("cpu"))
+    assert clean["val_miou"] == 1.0 and "val_device" not in clean  # no retry: the metrics as before
+
+    calls = _tight_predictor(monkeypatch, {(1, "cuda"): 1}, CUDA_OOM)  # once: freeing the cache is enough
+    model = _Model()
+    with caplog.at_level("WARNING", logger="labelsmart.training.validation"):
+        once = validation.validate(model, PAIRS, tiny_cfg, 3, cuda)
+    assert calls == [(0, "cuda"), (1, "cuda"), (1, "cuda"), (2, "cuda")] and emptied and model.moves == []
+    assert once["val_miou"] == 1.0 and once["val_out_of_memory_retries"] == 1 and once["val_device"] == "cuda"
+    assert "out of memory in validation image 2 of 3 (48x40) on cuda; freed memory, retrying" in caplog.text
+
+    calls = _tight_predictor(monkeypatch, {(1, "cuda"): 2}, CUDA_OOM)  # twice: the rest on the CPU
+    model = _Model()
+    with caplog.at_level("WARNING", logger="labelsmart.training.validation"):
+        twice = validation.validate(model, PAIRS, tiny_cfg, 3, cuda)
+    assert calls == [(0, "cuda"), (1, "cuda"), (1, "cuda"), (1, "cpu"), (2, "cpu")]
+    assert model.moves == ["cpu", "cuda"] and model.training  # back on the GPU, in the mode it came in
+    assert {k: twice[k] for k in clean} == clean and twice["val_device"] == "cpu"
+    assert twice["val_out_of_memory_retries"] == 2
+    assert "on cuda again; validating the rest on the CPU" in caplog.text
+
+
+def test_validation_out_of_memory_twice_on_the_cpu_fails_the_round_in_a_sentence(tiny_cfg, monkeypatch) -> None:
+    from labelsmart.training import validation
+
+    calls = _tight_predictor(monkeypatch, {(2, "cpu"): 1}, CPU_OOM)
+    assert validation.validate(_Model(), PAIRS, tiny_cfg, 3, torch.device("cpu"))["val_out_of_memory_retries"] == 1
+    assert calls[-2:] == [(2, "cpu"), (2, "cpu")]
+    _tight_predictor(monkeypatch, {(0, "cpu"): 2}, CPU_OOM)
+    model = _Model().train()
+    with pytest.raises(RoundFailed, match=r"out of memory in validation image 1 of 3 \(48x40\) on the CPU.*max_side"):
+        validation.validate(model, PAIRS, tiny_cfg, 3, torch.device("cpu"))
+    assert model.training  # left as it was found
+
+    def broken(*args):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied (2x3 and 4x5)")
+
+    monkeypatch.setattr(validation, "predict_mask", broken)
+    with pytest.raises(RuntimeError, match="cannot be multiplied"):  # not out of memory: not retried
+        validation.validate(_Model(), PAIRS, tiny_cfg, 3, torch.device("cpu"))
+
+
+# ------------------------------------------------------------------------------------------ out of memory in export
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> tuple[Path, Path]:
+    """A checkpoint of a fresh network and its ONNX graph, exported once (the tests below copy the graph)."""
+    from labelsmart import config
+    from labelsmart.training.export import export_onnx
+    from labelsmart.training.model import build_model, save_checkpoint
+
+    torch.set_num_threads(1)
+    tmp = tmp_path_factory.mktemp("export")
+    cfg = config.load({"preprocess.max_side": 128})
+    classes = [{"id": i, "name": n, "color": [i, i, i]} for i, n in enumerate(["sky", "road", "car"])]
+    checkpoint = tmp / "model.pt"
+    save_checkpoint(checkpoint, build_model(cfg.model, 3), cfg, classes, version=1, step=0, metrics={})
+    export_onnx(checkpoint, tmp / "graph" / "model.onnx")
+    return checkpoint, tmp / "graph" / "model.onnx"
+
+
+def _graph_copier(onnx: Path, fails: int, error: BaseException) -> tuple[Callable, list[int]]:
+    import shutil
+
+    calls: list[int] = []
+
+    def graph(model, path, opset):
+        calls.append(1)
+        if len(calls) <= fails:
+            raise error
+        shutil.copyfile(onnx, path)
+        return "copied"
+
+    return graph, calls
+
+
+def test_an_export_out_of_memory_is_retried_once_sparing_memory_and_publishes(exported, tmp_path, monkeypatch, caplog):
+    from labelsmart.training import export
+
+    checkpoint, onnx = exported
+    frugal: list[bool] = []
+    real_parity = export.check_parity
+
+    def parity(model, path, threads=None, **kw):
+        frugal.append(kw.get("frugal", False))
+        if len(frugal) == 1:
+            raise RuntimeError(CPU_OOM)  # the parity check runs out of memory the first time
+        return real_parity(model, path, threads, **kw)
+
+    monkeypatch.setattr(export, "check_parity", parity)
+    graph, calls = _graph_copier(onnx, 0, RuntimeError())
+    out = tmp_path / "v1" / "model.onnx"
+    with caplog.at_level("WARNING", logger="labelsmart.training.export"):
+        sidecar = export.export_onnx(checkpoint, out, graph=graph)
+    assert frugal == [False, True] and len(calls) == 2  # the whole export again, sparing memory
+    assert "out of memory exporting" in caplog.text and "retrying once on the CPU" in caplog.text
+    assert sidecar.details["parity_max_abs_diff"] < 1e-3
+    assert sorted(p.name for p in out.parent.iterdir()) == ["model.json", "model.onnx"]  # no temporary file left
+
+    out = tmp_path / "v2" / "model.onnx"  # the exporter itself out of memory once (ONNX Runtime's words too)
+    monkeypatch.setattr(export, "check_parity", real_parity)
+    graph, calls = _graph_copier(onnx, 1, torch.OutOfMemoryError(CUDA_OOM))
+    export.export_onnx(checkpoint, out, graph=graph)
+    assert len(calls) == 2 and sorted(p.name for p in out.parent.iterdir()) == ["model.json", "model.onnx"]
+    assert export.out_of_memory(RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : bad allocation"))
+    wrapped = export.ExportError("ONNX export failed with both exporters")
+    wrapped.__cause__ = MemoryError()
+    assert export.out_of_memory(wrapped) and not export.out_of_memory(export.ExportError("differs from PyTorch"))
+
+
+def test_an_export_out_of_memory_twice_is_one_sentence_and_writes_nothing(exported, tmp_path) -> None:
+    from labelsmart.training import export
+
+    checkpoint, onnx = exported
+    graph, calls = _graph_copier(onnx, 2, RuntimeError(CPU_OOM))
+    out = tmp_path / "v1" / "model.onnx"
+    with pytest.raises(export.ExportError, match=r"out of memory exporting .*model\.onnx, also when retried on the"):
+        export.export_onnx(checkpoint, out, graph=graph)
+    assert len(calls) == 2 and list(out.parent.iterdir()) == []
+
+    graph, calls = _graph_copier(onnx, 1, export.ExportError("ONNX export failed with both exporters (ValueError: x)."))
+    with pytest.raises(export.ExportError, match="both exporters"):  # not out of memory: not retried
+        export.export_onnx(checkpoint, out, graph=graph)
+    assert len(calls) == 1 and list(out.parent.iterdir()) == []
+
+
+def test_a_frugal_parity_check_gives_the_same_answer(exported) -> None:
+    from labelsmart.training import export
+    from labelsmart.training.model import load_checkpoint
+
+    checkpoint, onnx = exported
+    model, _ = load_checkpoint(checkpoint)
+    plain = export.check_parity(model, onnx, threads=1)
+    frugal = export.check_parity(model, onnx, threads=1, frugal=True)
+    assert plain < 1e-3 and frugal < 1e-3 and abs(plain - frugal) < 1e-4
