@@ -73,6 +73,7 @@ Pair = tuple[np.ndarray, np.ndarray]  # (image RGB uint8 (H, W, 3), mask uint8 (
 SLICE_S = 1.0  # training runs in slices of about this long between polls of the store
 WARMUP_STEPS = 10  # linear learning-rate warm-up, then constant
 EMA_RESTART = 20  # the average's step count after new labels: it follows the network closely for a while
+SCORE_DUTY = 3.0  # the scorer rests this many times as long as its last pass took
 MAX_BAD_STEPS = 3  # non-finite losses in a row before the network restarts from its average
 
 
@@ -339,7 +340,8 @@ class Publisher(threading.Thread):
 
 class Scorer(threading.Thread):
     """Scores unlabelled images with the newest published version for "Next", one version at a time, on one
-    thread (versions published while it scores are skipped for the newest)."""
+    thread (versions published while it scores are skipped for the newest). After a pass that took d seconds it
+    waits ``SCORE_DUTY`` x d before the next, so scoring takes at most a quarter of the time training has."""
 
     def __init__(self, trainer: ContinuousTrainer) -> None:
         super().__init__(name="labelsmart-scorer", daemon=True)
@@ -348,6 +350,7 @@ class Scorer(threading.Thread):
         self.done = threading.Event()
         self.scoring = threading.Event()
         self.scored: int | None = None
+        self.next_at = 0.0
 
     def run(self) -> None:
         from labelsmart.serving import active
@@ -359,7 +362,10 @@ class Scorer(threading.Thread):
             row = t.store.latest_published()
             if self.done.is_set() or row is None or row.version == self.scored or not t.cfg.active.score:
                 continue
+            if time.monotonic() < self.next_at and self.scored is not None:
+                continue
             self.scoring.set()
+            started = time.monotonic()
             try:
                 active.score_published(t.store, row, t.cfg.active, threads=1, should_stop=self.done.is_set)
             except Exception as exc:  # noqa: BLE001 - scoring is a help, never a reason to stop training
@@ -368,6 +374,7 @@ class Scorer(threading.Thread):
             finally:
                 self.scoring.clear()
             self.scored = row.version
+            self.next_at = time.monotonic() + SCORE_DUTY * (time.monotonic() - started)
 
 
 # ---------------------------------------------------------------------------------------------------- loop
