@@ -7,6 +7,7 @@ Only ``app.py`` calls ``launch()``. Gradio is imported by this module only (the 
 from __future__ import annotations
 
 import html
+import io
 import json
 import os
 import tempfile
@@ -14,7 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
+import numpy as np
 from gradio import processing_utils
+from PIL import Image
 
 from labelsmart.app.session import Session, hex_color
 
@@ -70,15 +73,41 @@ EXPORT_FORMATS = [
 VERSION_HEADERS = ["version", "status", "labelled images", "labelled pixels", "val mIoU %", "steps", "seconds", "time"]
 
 
+# How the page encodes the images it sends: PNG at zlib level 1 (lossless, 4x faster than Gradio's level 6, about 15 %
+# larger), JPEG at quality 90 (the overlays and maps, pictures to look at, never read back).
+PNG_COMPRESS_LEVEL = 1
+JPEG_QUALITY = 90
+# The editor's background is the project's own image and the same file for every annotator and every open, so it is
+# encoded once per image (``_Backgrounds``); this many are remembered.
+BACKGROUNDS_KEPT = 4096
+# Gradio recomputes its monitoring summary (a pandas group-by over up to 10 000 past events, about 7 ms) after every
+# event by default; every 100 events is plenty for the monitoring page.
+ANALYTICS_EVERY = "100"
+
+
+def _encode(img: Any, format: str) -> bytes:  # noqa: A002
+    """An image's bytes in ``format``: Gradio's ``encode_pil_to_bytes``, with cheaper settings for PNG and JPEG."""
+    fmt = format.lower()
+    if fmt not in ("png", "jpeg", "jpg"):
+        return processing_utils.encode_pil_to_bytes(img, format)
+    with io.BytesIO() as out:
+        if fmt == "png":
+            img.save(out, "png", pnginfo=processing_utils.get_pil_metadata(img), compress_level=PNG_COMPRESS_LEVEL)
+        else:
+            img.convert("RGB").save(out, "jpeg", quality=JPEG_QUALITY)
+        return out.getvalue()
+
+
 def _save_pil_to_cache(img: Any, cache_dir: str, name: str = "image", format: str = "webp") -> str:  # noqa: A002
     """Gradio 6.31's ``processing_utils.save_pil_to_cache``, written through a temporary file and ``os.replace``.
 
     Gradio names a cached image by the hash of its bytes and rewrites the file in place on every call, so when two
     annotators open the same image at once, one download can read the file while the other request truncates and
     rewrites it (h11: "Too little data for declared Content-Length"; found by ``bench load``). The same bytes make
-    the same file, so a file already there is kept, and a new one appears whole or not at all.
+    the same file, so a file already there is kept, and a new one appears whole or not at all. PNG and JPEG are
+    encoded with the cheaper settings of :func:`_encode`.
     """
-    data = processing_utils.encode_pil_to_bytes(img, format)
+    data = _encode(img, format)
     folder = Path(cache_dir) / processing_utils.hash_bytes(data)
     folder.mkdir(exist_ok=True, parents=True)
     path = (folder / f"{name}.{format}").resolve()
@@ -90,6 +119,60 @@ def _save_pil_to_cache(img: Any, cache_dir: str, name: str = "image", format: st
     return str(path)
 
 
+class LabelEditor(gr.ImageEditor):
+    """Gradio's ImageEditor (the same front end, ``is_template``) that decodes only the layers the page sends.
+
+    A save reads the painted layers alone: the background is the project's own image and the composite is only the
+    two drawn together, and decoding both (two more full-size PNGs) was most of a save's own work.
+    """
+
+    is_template = True
+
+    def preprocess(self, payload: Any) -> dict[str, Any] | None:
+        """The editor's value with ``background`` and ``composite`` left None; ``layers`` as Gradio gives them."""
+        if payload is None:
+            return None
+        if payload.id is not None:  # the page sent its images ahead as blobs (accept_blobs); take them once
+            cached = self.blob_storage.pop(payload.id, None)
+            files = cached.layers if cached is not None else []
+        else:
+            files = payload.layers
+        layers = [self.convert_and_format_image(f) for f in files or []]
+        return {"background": None, "layers": [x for x in layers if x is not None], "composite": None}
+
+
+class _Backgrounds:
+    """The editor's background of each image as a file in Gradio's cache, encoded once (not at every open).
+
+    A file is reused while the image file keeps its size and modification time, and while it is still there.
+    """
+
+    def __init__(self, session: Session, cache_dir: str) -> None:
+        self.session = session
+        self.cache_dir = cache_dir
+        self._files: dict[int, tuple[tuple[int, int], str]] = {}
+
+    def file(self, image_id: int, image: np.ndarray) -> str:
+        """The cached file of ``image`` (the pixels of image ``image_id``), made now if there is none."""
+        st = self.session.store.image_path(image_id).stat()
+        stamp = (st.st_mtime_ns, st.st_size)
+        known = self._files.get(image_id)
+        if known is not None and known[0] == stamp and os.path.exists(known[1]):
+            return known[1]
+        path = _save_pil_to_cache(Image.fromarray(image), self.cache_dir, name="background", format="png")
+        if len(self._files) >= BACKGROUNDS_KEPT:
+            self._files.pop(next(iter(self._files)))
+        self._files[image_id] = (stamp, path)
+        return path
+
+    def editor_value(self, image_id: int, value: dict[str, Any]) -> dict[str, Any]:
+        """``value`` (background, layers, composite) with its background array replaced by the cached file."""
+        bg = value.get("background")
+        if isinstance(bg, np.ndarray):
+            value = {**value, "background": self.file(image_id, bg)}
+        return value
+
+
 def build_ui(session: Session, poll_s: float = 2.0) -> Any:
     """All layout and wiring of the labelling page. Returns a ``gr.Blocks``; the caller launches it.
 
@@ -99,6 +182,7 @@ def build_ui(session: Session, poll_s: float = 2.0) -> Any:
     :class:`Session`.
     """
     processing_utils.save_pil_to_cache = _save_pil_to_cache  # see there: several annotators on one image
+    os.environ.setdefault("GRADIO_ANALYTICS_CACHE_FREQUENCY", ANALYTICS_EVERY)  # read by demo.queue(), in app.py
 
     def brush() -> gr.Brush:
         colors = [hex_color(c) for c in session.colors()] or ["#000000"]
@@ -111,6 +195,7 @@ def build_ui(session: Session, poll_s: float = 2.0) -> Any:
         picked = gr.State([])  # images Next offered in this session (not offered again)
         back = gr.State([])  # images left with Next, for Previous
         seen_models = gr.State(None)  # number of model versions when the progress plot was drawn
+        listed = gr.State(None)  # the image list the picker holds: sent again only when it changed
         gr.Markdown(f"## labelsmart · {html.escape(session.cfg.project)}")
         with gr.Row():
             with gr.Column(scale=1, min_width=240):
@@ -146,7 +231,7 @@ def build_ui(session: Session, poll_s: float = 2.0) -> Any:
                     export_msg = gr.Markdown(elem_id="ls-export-msg")
             with gr.Column(scale=3):
                 legend = gr.HTML(session.legend_html(), elem_id="ls-legend")
-                editor = gr.ImageEditor(
+                editor = LabelEditor(
                     type="numpy",
                     format="png",
                     image_mode="RGBA",
@@ -171,17 +256,27 @@ def build_ui(session: Session, poll_s: float = 2.0) -> Any:
                 save_msg = gr.Markdown(elem_id="ls-save-msg")
                 with gr.Column(visible=False, elem_id="ls-conflict") as conflict_box:  # someone else saved meanwhile
                     conflict_img = gr.Image(
-                        label="Saved meanwhile by someone else", type="numpy", interactive=False, elem_id="ls-newer"
+                        label="Saved meanwhile by someone else",
+                        type="numpy",
+                        format="jpeg",
+                        interactive=False,
+                        elem_id="ls-newer",
                     )
                     with gr.Row():
                         merge_btn = gr.Button("Merge my strokes onto theirs", elem_id="ls-merge")
                         keep_btn = gr.Button("Keep mine", elem_id="ls-keep-mine")
             with gr.Column(scale=2, min_width=300):
-                overlay = gr.Image(label="Pre-annotation", type="numpy", interactive=False, elem_id="ls-overlay")
+                overlay = gr.Image(
+                    label="Pre-annotation", type="numpy", format="jpeg", interactive=False, elem_id="ls-overlay"
+                )
                 alpha = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="Overlay opacity")
                 overlay_info = gr.Markdown(elem_id="ls-overlay-info")
                 uncertainty = gr.Image(
-                    label="Uncertainty (bright = unsure)", type="numpy", interactive=False, elem_id="ls-uncertainty"
+                    label="Uncertainty (bright = unsure)",
+                    type="numpy",
+                    format="jpeg",
+                    interactive=False,
+                    elem_id="ls-uncertainty",
                 )
                 uncertainty_info = gr.Markdown(elem_id="ls-uncertainty-info")
                 trainer_md = gr.Markdown(session.trainer_md(), elem_id="ls-trainer")
@@ -208,20 +303,31 @@ def build_ui(session: Session, poll_s: float = 2.0) -> Any:
                         headers=CLASS_IOU_HEADERS, value=iou_rows, interactive=False, elem_id="ls-class-iou"
                     )
 
-        def show(image_id: int | None, a: float) -> tuple:
+        backgrounds = _Backgrounds(session, editor.GRADIO_CACHE)
+
+        def picker_update(image_id: int, shown: list | None) -> tuple[Any, Any]:
+            """The picker on ``image_id``, and the list it holds: the list is sent only when it changed."""
+            choices = session.image_choices()
+            if choices == shown:
+                return gr.Dropdown(value=image_id), gr.skip()
+            return gr.Dropdown(choices=choices, value=image_id), choices
+
+        def show(image_id: int | None, a: float, shown: list | None) -> tuple:
             v = session.view(image_id, a)
+            picker_value, shown = picker_update(v.image_id, shown)
             return (
                 v.image_id,
-                v.editor,
+                backgrounds.editor_value(v.image_id, v.editor),
                 v.overlay,
                 v.overlay_info,
                 v.image_info,
                 v.version,
-                gr.Dropdown(choices=session.image_choices(), value=v.image_id),
+                picker_value,
                 v.uncertainty,
                 v.uncertainty_info,
                 v.revision,
                 gr.Column(visible=False),
+                shown,
             )
 
         view_outputs = [
@@ -236,76 +342,100 @@ def build_ui(session: Session, poll_s: float = 2.0) -> Any:
             uncertainty_info,
             base_rev,
             conflict_box,
+            listed,
         ]
 
-        def go_next(image_id: int | None, a: float, seen: list[int], left: list[int], how: str) -> tuple:
+        def go_next(
+            image_id: int | None, a: float, shown: list | None, seen: list[int], left: list[int], how: str
+        ) -> tuple:
             nxt, reason = session.next_image(image_id, seen, how)
             seen = [*(seen or []), nxt] if how == "suggested" else list(seen or [])
             left = [*(left or []), image_id][-100:] if image_id is not None else list(left or [])
-            return (*show(nxt, a), reason, seen, left)
+            return (*show(nxt, a, shown), reason, seen, left)
 
-        def go_previous(image_id: int | None, a: float, left: list[int]) -> tuple:
+        def go_previous(image_id: int | None, a: float, shown: list | None, left: list[int]) -> tuple:
             left = list(left or [])
             prev = left.pop() if left else session.neighbour(image_id, -1)
-            return (*show(prev, a), "", left)
+            return (*show(prev, a, shown), "", left)
 
-        def open_image(image_id: int | None, a: float) -> tuple:
-            return (*show(image_id, a), "")
+        def open_image(image_id: int | None, a: float, shown: list | None) -> tuple:
+            return (*show(image_id, a, shown), "")
 
-        demo.load(lambda a: show(None, a), inputs=[alpha], outputs=view_outputs, api_name="load")
+        demo.load(lambda a, shown: show(None, a, shown), inputs=[alpha, listed], outputs=view_outputs, api_name="load")
         demo.load(None, js=SHORTCUTS_JS)
-        picker.input(open_image, inputs=[picker, alpha], outputs=[*view_outputs, why], api_name="open_image")
+        picker.input(open_image, inputs=[picker, alpha, listed], outputs=[*view_outputs, why], api_name="open_image")
         prev_btn.click(
-            go_previous, inputs=[current, alpha, back], outputs=[*view_outputs, why, back], api_name="previous"
+            go_previous, inputs=[current, alpha, listed, back], outputs=[*view_outputs, why, back], api_name="previous"
         )
         next_btn.click(
             go_next,
-            inputs=[current, alpha, picked, back, order],
+            inputs=[current, alpha, listed, picked, back, order],
             outputs=[*view_outputs, why, picked, back],
             api_name="next",
         )
 
-        def save(image_id: int | None, value: dict | None, base: int | None, request: gr.Request) -> tuple:
+        def save(
+            image_id: int | None, value: dict | None, base: int | None, shown: list | None, request: gr.Request
+        ) -> tuple:
             result = session.save_labels(image_id, value, based_on=base, author=request.username)
             info = session.image_info(int(image_id)) if image_id is not None else ""
             newer = session.conflict(image_id, base) if result.stale else None
             if result.revision is not None:
                 base = result.revision  # saved (or nothing to save): the editor holds that revision now
             box = (gr.Column(visible=newer is not None), newer if newer is not None else gr.skip())
-            picker_value = gr.Dropdown(choices=session.image_choices(), value=image_id)
-            return result.message, info, session.progress_md(), picker_value, base, *box
+            choices = session.image_choices()
+            if image_id is None or choices == shown:  # the picker shows this image already, with these marks
+                picker_value, shown = gr.skip(), gr.skip()
+            else:
+                picker_value, shown = gr.Dropdown(choices=choices, value=image_id), choices
+            return result.message, info, session.progress_md(), picker_value, base, *box, shown
 
         save_btn.click(
             save,
-            inputs=[current, editor, base_rev],
-            outputs=[save_msg, image_info, progress, picker, base_rev, conflict_box, conflict_img],
+            inputs=[current, editor, base_rev, listed],
+            outputs=[save_msg, image_info, progress, picker, base_rev, conflict_box, conflict_img, listed],
             api_name="save",
         )
 
-        def merge(image_id: int | None, value: dict | None, base: int | None, a: float, request: gr.Request) -> tuple:
-            return (session.merge(image_id, value, base, author=request.username), *show(image_id, a))
+        def merge(
+            image_id: int | None,
+            value: dict | None,
+            base: int | None,
+            a: float,
+            shown: list | None,
+            request: gr.Request,
+        ) -> tuple:
+            return (session.merge(image_id, value, base, author=request.username), *show(image_id, a, shown))
 
         merge_btn.click(
-            merge, inputs=[current, editor, base_rev, alpha], outputs=[save_msg, *view_outputs], api_name="merge"
+            merge,
+            inputs=[current, editor, base_rev, alpha, listed],
+            outputs=[save_msg, *view_outputs],
+            api_name="merge",
         )
 
-        def keep_mine(image_id: int | None, value: dict | None, a: float, request: gr.Request) -> tuple:
-            return (session.keep_mine(image_id, value, author=request.username), *show(image_id, a))
+        def keep_mine(
+            image_id: int | None, value: dict | None, a: float, shown: list | None, request: gr.Request
+        ) -> tuple:
+            return (session.keep_mine(image_id, value, author=request.username), *show(image_id, a, shown))
 
         keep_btn.click(
-            keep_mine, inputs=[current, editor, alpha], outputs=[save_msg, *view_outputs], api_name="keep_mine"
+            keep_mine, inputs=[current, editor, alpha, listed], outputs=[save_msg, *view_outputs], api_name="keep_mine"
         )
 
-        def undo(image_id: int | None, a: float, base: int | None, request: gr.Request) -> tuple:
+        def undo(image_id: int | None, a: float, base: int | None, shown: list | None, request: gr.Request) -> tuple:
             msg = session.undo(image_id, based_on=base, author=request.username)
-            return (msg, *show(image_id, a))
+            return (msg, *show(image_id, a, shown))
 
-        undo_btn.click(undo, inputs=[current, alpha, base_rev], outputs=[save_msg, *view_outputs], api_name="undo")
+        undo_btn.click(
+            undo, inputs=[current, alpha, base_rev, listed], outputs=[save_msg, *view_outputs], api_name="undo"
+        )
 
         def accept(image_id: int | None) -> tuple:
             value = session.preannotation_layer(image_id) if image_id is not None else None
             if value is None:
                 return gr.skip(), "No pre-annotation yet."
+            value = backgrounds.editor_value(int(image_id), value)
             return value, "Pre-annotation copied into the editor: correct it, then Save."
 
         accept_btn.click(accept, inputs=[current], outputs=[editor, save_msg], api_name="use_preannotation")
