@@ -19,7 +19,7 @@ import numpy as np
 from gradio import processing_utils
 from PIL import Image
 
-from labelsmart.app.session import Session, hex_color
+from labelsmart.app.session import LABEL_OPACITY, Session, hex_color
 
 # Keyboard shortcuts, bound once per page; keys typed into a text field or with a modifier are left alone.
 SHORTCUTS = {"n": "#ls-next", "p": "#ls-prev", "s": "#ls-save", "a": "#ls-accept", "u": "#ls-undo"}
@@ -185,7 +185,9 @@ def build_ui(session: Session, poll_s: float = 2.0) -> Any:
     os.environ.setdefault("GRADIO_ANALYTICS_CACHE_FREQUENCY", ANALYTICS_EVERY)  # read by demo.queue(), in app.py
 
     def brush() -> gr.Brush:
-        colors = [hex_color(c) for c in session.colors()] or ["#000000"]
+        # Class colours at the label layer's opacity (Gradio's (colour, opacity) pairs): strokes show the photo
+        # under them, and read back as their class whatever their alpha (session.layer_to_mask).
+        colors = [(hex_color(c), LABEL_OPACITY) for c in session.colors()] or [("#000000", LABEL_OPACITY)]
         return gr.Brush(colors=colors, default_color=colors[0], color_mode="fixed", default_size=8)
 
     with gr.Blocks(title="labelsmart") as demo:

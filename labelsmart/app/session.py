@@ -31,6 +31,19 @@ STATE_MARK = {"labelled": "●", "pre-annotated": "◐", "unlabelled": "○"}
 HEARTBEAT_STALE_S = 20.0
 EXPORT_KEEP_S = 3600.0  # export zips older than this are removed at the next export
 
+# The editor shows labels translucent, so the photo stays visible under them while they are corrected: the brush
+# paints class colours at LABEL_OPACITY and the labels the page puts in the editor (saved ones, a pre-annotation)
+# carry the same alpha. A pixel's class is read from its colour alone, so saved masks do not depend on it.
+LABEL_OPACITY = 0.5
+LABEL_ALPHA = round(255 * LABEL_OPACITY)  # 128: alpha of a labelled pixel in the editor's layer
+# A layer pixel at least half as opaque as one stroke is painted; the fainter anti-aliased rim of a stroke is not
+# (an opaque layer, alpha 255, is painted too).
+MIN_ALPHA = LABEL_ALPHA // 2
+# A painted pixel is the class whose colour it is within this much in each of R, G and B (the nearest one, where
+# several are): the browser keeps a translucent layer premultiplied by its alpha and rounds its colours by a few
+# units on the way back. A colour further from every class is not a label (unlabelled), never a guess.
+COLOR_TOLERANCE = 16
+
 
 def hex_color(rgb: tuple[int, int, int] | list[int]) -> str:
     """``(r, g, b)`` -> ``#rrggbb``."""
@@ -65,6 +78,83 @@ class SaveResult:
     message: str
     revision: int | None = None
     stale: bool = False
+
+
+def label_layer(mask: np.ndarray, colors: list[tuple[int, int, int]]) -> np.ndarray:
+    """Index mask -> the editor's RGBA label layer: class colours at ``LABEL_ALPHA``, unlabelled (255) transparent.
+
+    Ids without a colour are black (as :func:`labelsmart.imageio.colorize` draws them), which no class reads back.
+    """
+    lut = np.zeros((256, 4), np.uint8)
+    k = min(len(colors), IGNORE_INDEX)
+    if k:
+        lut[:k, :3] = np.asarray(colors[:k], np.uint8)
+    lut[:IGNORE_INDEX, 3] = LABEL_ALPHA
+    packed = lut.view(np.uint32).ravel()  # one RGBA pixel a word: one gather instead of four
+    return np.take(packed, mask).view(np.uint8).reshape(*mask.shape, 4)  # (H, W, 4)
+
+
+def _nearest_within(px: np.ndarray, pal: np.ndarray, tol: int) -> np.ndarray:
+    """Class of each ``(N, 3)`` pixel: the nearest palette colour (largest channel difference; the lower id on a
+    tie) no further than ``tol``, else ``IGNORE_INDEX``. Compares with every colour: for the few pixels that
+    :func:`_classes_of` cannot settle alone."""
+    out = np.full(len(px), IGNORE_INDEX, np.uint8)
+    step = max(1, (1 << 22) // (3 * len(pal)))  # pixels a chunk: a few MB of differences at a time
+    for lo in range(0, len(px), step):
+        d = np.abs(px[lo : lo + step, None, :].astype(np.int16) - pal[None, :, :]).max(axis=2)  # (n, K)
+        best = d.argmin(axis=1)
+        near = d[np.arange(len(best)), best] <= tol
+        out[lo : lo + step][near] = best[near]
+    return out
+
+
+def _classes_of(px: np.ndarray, pal: np.ndarray, tol: int) -> np.ndarray:
+    """:func:`_nearest_within` of ``(N, 3)`` pixels, fast: per channel and value, the classes whose colour is within
+    ``tol`` there, as bits of 64-bit words; a pixel's candidates are the classes within ``tol`` in all three
+    channels. One candidate is its class (nearly every pixel), none is unlabelled, and the pixels with several
+    (class colours closer than ``2 tol``) go to :func:`_nearest_within`."""
+    k = len(pal)
+    values = np.arange(256, dtype=np.int16)[:, None]  # (256, 1)
+    channels = [np.ascontiguousarray(px[:, c]) for c in range(3)]  # 3 x (N,) uint8
+    ids = np.full(len(px), IGNORE_INDEX, np.uint8)
+    found = np.zeros(len(px), np.int8)  # candidates seen so far, counted up to 2
+    for w0 in range(0, k, 64):
+        bits = np.left_shift(np.uint64(1), np.arange(min(64, k - w0), dtype=np.uint64))  # (k_w,)
+        cand = np.full(len(px), ~np.uint64(0))
+        for c in range(3):
+            near = np.abs(values - pal[None, w0 : w0 + 64, c]) <= tol  # (256, k_w)
+            lut = np.where(near, bits, np.uint64(0)).sum(axis=1, dtype=np.uint64)  # (256,) bit sets
+            cand &= np.take(lut, channels[c])
+        has = cand != 0
+        one = has & ((cand & (cand - np.uint64(1))) == 0)
+        bit = np.log2((cand | np.uint64(1)).astype(np.float64)).astype(np.int64)  # (N,) the bit, where there is one
+        np.copyto(ids, (w0 + bit).astype(np.uint8), where=one)
+        found += has.astype(np.int8) + (has & ~one).astype(np.int8)
+        np.minimum(found, 2, out=found)
+    several = found > 1
+    if several.any():
+        ids[several] = _nearest_within(px[several], pal, tol)
+    return ids
+
+
+def layer_to_mask(layer: np.ndarray, colors: list[tuple[int, int, int]], tol: int = COLOR_TOLERANCE) -> np.ndarray:
+    """The editor's RGBA (or RGB on black) layer -> index mask; what is not a class colour is unlabelled.
+
+    A pixel is painted if its alpha is at least ``MIN_ALPHA`` (RGB: not black), whatever the alpha beyond that: the
+    translucent brush and label layer (``LABEL_ALPHA``), opaque layers, strokes painted over strokes. A painted
+    pixel is the class whose colour it is exactly, else the nearest class colour within ``tol`` in every channel
+    (the browser's rounding of translucent colours), else unlabelled. The alpha never picks the class: a straight
+    (not premultiplied) colour is what PNG holds and what the page sends.
+    """
+    if layer.ndim != 3 or layer.shape[2] not in (3, 4):
+        raise ValueError(f"expected an RGB or RGBA layer, got shape {layer.shape}")
+    out = np.full(layer.shape[:2], IGNORE_INDEX, np.uint8)
+    painted = layer[..., 3] >= MIN_ALPHA if layer.shape[2] == 4 else layer.any(axis=2)
+    if colors and painted.any():
+        pal = np.asarray(colors, np.int16)  # (K, 3)
+        px = np.stack([layer[..., c][painted] for c in range(3)], axis=1)  # (N, 3), one channel at a time: cheaper
+        out[painted] = _classes_of(px, pal, tol)  # (N,) ids
+    return out
 
 
 def _layer_array(layer: Any, k: int) -> np.ndarray:
@@ -270,9 +360,8 @@ class Session:
         image = self.store.read_image(image_id)
         current = self.store.current_revision(image_id)
         mask = self.store.load_revision(current.id) if current is not None else None
-        colors = self.colors()
-        layer = imageio.mask_to_rgba(
-            mask if mask is not None else np.full(image.shape[:2], IGNORE_INDEX, np.uint8), colors
+        layer = label_layer(
+            mask if mask is not None else np.full(image.shape[:2], IGNORE_INDEX, np.uint8), self.colors()
         )
         editor = {"background": image, "layers": [layer], "composite": None}
         overlay, overlay_info, version = self.preannotation(image_id, image, alpha)
@@ -324,21 +413,23 @@ class Session:
         return blended, info, pred.version
 
     def preannotation_layer(self, image_id: int) -> dict[str, Any] | None:
-        """The editor value with the pre-annotation as editable strokes (None if there is no model)."""
+        """The editor value with the pre-annotation as editable strokes (None if there is no model), translucent
+        like every label layer of the editor (:func:`label_layer`), so the photo shows through it."""
         self.predictor.refresh()
         pred = self.predictor.predict(int(image_id))
         if pred is None:
             return None
         image = self.store.read_image(int(image_id))
-        return {"background": image, "layers": [imageio.mask_to_rgba(pred.mask, self.colors())], "composite": None}
+        return {"background": image, "layers": [label_layer(pred.mask, self.colors())], "composite": None}
 
     # -------------------------------------------------------------------------------------- saving
 
     def editor_to_mask(self, image_id: int, editor: dict[str, Any] | None) -> np.ndarray:
         """Merge the editor's layers (later layers win) into one index mask at the image's size.
 
-        No value, no layers, a ``None`` layer and a 2-D layer add nothing; a layer at another size is resized to the
-        image (nearest neighbour, so it keeps its class colours).
+        Each layer is read by :func:`layer_to_mask` (class colours at any opacity; what is not a class colour is
+        unlabelled). No value, no layers, a ``None`` layer and a 2-D layer add nothing; a layer at another size is
+        resized to the image (nearest neighbour, so it keeps its class colours).
 
         Raises:
             ImageError: the value is not what the editor sends (not a dict, layers that are not a list, a layer
@@ -372,7 +463,7 @@ class Session:
 
                 log.warning("editor layer is %s, image is %s; resizing the layer", layer.shape[:2], shape)
                 layer = cv2.resize(layer, (row.width, row.height), interpolation=cv2.INTER_NEAREST)
-            m = imageio.rgba_to_mask(layer, colors)
+            m = layer_to_mask(layer, colors)
             mask = np.where(m != IGNORE_INDEX, m, mask)
         return mask
 

@@ -27,6 +27,7 @@ import numpy as np
 from PIL import Image
 
 from labelsmart import config, imageio
+from labelsmart.app.session import label_layer
 from labelsmart.bench.common import provenance
 from labelsmart.store import Store
 
@@ -118,7 +119,7 @@ def _layers(store: Store, image_id: int, client: int, folder: Path, variants: in
             y, x = int(rng.integers(image.height - 4)), int(rng.integers(image.width - 20))
             mask[y : y + 3, x : x + 20] = k
         path = folder / f"layer-{client}-{image_id}-{v}.png"
-        Image.fromarray(imageio.mask_to_rgba(mask, colors), "RGBA").save(path)
+        Image.fromarray(label_layer(mask, colors), "RGBA").save(path)  # translucent, as the page paints
         out.append((str(path), mask))
     return out
 

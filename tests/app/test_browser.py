@@ -1,7 +1,9 @@
-"""A real browser (Debian's Chromium through Playwright): paint, save, see a newly published pre-annotation."""
+"""A real browser (Debian's Chromium through Playwright): paint with the translucent brush, save, see a newly
+published pre-annotation, use it with the photo showing through, save it back exactly."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from pathlib import Path
@@ -12,6 +14,7 @@ import pytest
 from conftest import CLASSES, write_dataset
 from test_session import launch_app, stop_app
 
+from labelsmart.app.session import LABEL_ALPHA, MIN_ALPHA
 from labelsmart.config import ActiveConfig
 from labelsmart.serving import active
 from labelsmart.store import Store
@@ -46,6 +49,28 @@ def _stroke(page, box: dict, y_frac: float, x_from: float = 0.15, x_to: float = 
     page.mouse.up()
 
 
+def _sent_layers(events: list[bytes]) -> list[np.ndarray]:
+    """The label layers (RGBA) of the editor values the page sent with its events, in order: the page uploads them
+    first, and the event names the uploaded files (on this machine, so the test reads them)."""
+    out = []
+    for body in events:
+        for value in json.loads(body).get("data", []):
+            if isinstance(value, dict) and value.get("layers"):
+                bgra = cv2.imread(value["layers"][0]["path"], cv2.IMREAD_UNCHANGED)
+                out.append(cv2.cvtColor(bgra, cv2.COLOR_BGRA2RGBA))
+    return out
+
+
+def _editor_shot(page, path: Path) -> np.ndarray:
+    shot = cv2.imdecode(np.frombuffer(page.locator("#ls-editor").screenshot(), np.uint8), 1)
+    cv2.imwrite(str(path), shot)
+    return cv2.cvtColor(shot, cv2.COLOR_BGR2RGB).reshape(-1, 3).astype(int)
+
+
+def _near(rgb: np.ndarray, colors, tol: int = 30) -> int:
+    return int(sum((np.abs(rgb - np.asarray(c)).max(axis=1) <= tol).sum() for c in colors))
+
+
 def test_paint_save_and_see_preannotation(tmp_path: Path):
     from playwright.sync_api import sync_playwright
 
@@ -56,6 +81,15 @@ def test_paint_save_and_see_preannotation(tmp_path: Path):
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
             page = browser.new_page(viewport={"width": 1600, "height": 1100})
+            events: list[bytes] = []  # the events the page sends with the editor's value (save)
+            page.on(
+                "request",
+                lambda r: (
+                    "queue/join" in r.url
+                    and b'"layers"' in (r.post_data_buffer or b"")
+                    and events.append(r.post_data_buffer)
+                ),
+            )
             page.goto(url)
             page.wait_for_selector("#ls-editor canvas", timeout=60_000)
             page.wait_for_function(
@@ -81,11 +115,24 @@ def test_paint_save_and_see_preannotation(tmp_path: Path):
             page.wait_for_function("document.body.dataset.lsBrushClass === '1'", timeout=30_000)
             page.wait_for_timeout(300)
             _stroke(page, img_box, 0.92)  # across the bottom
+            # The strokes are translucent: the toy photo (sky on top, road below) shows through its class colours.
+            rgb = _editor_shot(page, tmp_path / "strokes.png")
+            sky, road = np.array((170, 200, 235)), np.array((70, 70, 75))
+            through = _near(rgb, [(sky + CLASSES[0]["color"]) / 2, (road + CLASSES[1]["color"]) / 2], tol=20)
+            opaque = _near(rgb, [CLASSES[0]["color"], CLASSES[1]["color"]], tol=10)
+            assert through > 500 and opaque < 0.05 * through, (through, opaque)
             page.keyboard.press("s")  # the Save shortcut
             page.wait_for_function(
                 "document.querySelector('#ls-save-msg').innerText.includes('Saved revision')", timeout=60_000
             )
             assert "labelled pixels" in page.inner_text("#ls-save-msg")
+            painted = _sent_layers(events)[-1]
+            alpha = painted[..., 3]
+            assert painted.shape == (H, W, 4) and (alpha >= MIN_ALPHA).sum() > 100
+            assert abs(int(np.median(alpha[alpha >= MIN_ALPHA])) - LABEL_ALPHA) <= 1  # the brush's opacity
+            colours = painted[alpha >= MIN_ALPHA][:, :3].astype(int)
+            error = np.min([np.abs(colours - c["color"]).max(axis=1) for c in CLASSES[:2]], axis=0)  # from its class
+            print("painted layer: alpha", np.unique(alpha).tolist(), "largest colour error", int(error.max()))
             # No button pressed: the background trainer runs a round, publishes v1, the page shows it.
             page.wait_for_function(
                 "document.querySelector('#ls-overlay-info').innerText.includes('model v1')", timeout=240_000
@@ -121,22 +168,26 @@ def test_paint_save_and_see_preannotation(tmp_path: Path):
             page.wait_for_function(
                 "document.querySelector('#ls-save-msg').innerText.includes('Pre-annotation copied')", timeout=60_000
             )
-            # Shown where it belongs: the opaque class colours cover the whole image, so none of the toy
-            # image's own sky and road colours stay visible (a shifted layer leaves a quadrant uncovered).
+            # Shown where it belongs, and see-through: the class colours cover the whole image at half opacity, so
+            # the editor shows them blended with the photo (sky, road, car), neither the photo bare (a shifted
+            # layer leaves a quadrant uncovered) nor the pure class colours (an opaque layer hides the photo).
+            scene = [np.array(c) for c in ((170, 200, 235), (70, 70, 75), (200, 30, 30))]
+            blends = [(p + np.array(c["color"])) / 2 for p in scene for c in CLASSES]
             for _ in range(30):  # the editor redraws once the new value has loaded
                 page.wait_for_timeout(1000)
-                shot = cv2.imdecode(np.frombuffer(page.locator("#ls-editor").screenshot(), np.uint8), 1)
-                rgb = cv2.cvtColor(shot, cv2.COLOR_BGR2RGB).reshape(-1, 3).astype(int)
-                raw = sum((np.abs(rgb - c).sum(axis=1) < 40).sum() for c in ((170, 200, 235), (70, 70, 75)))
-                painted = sum((np.abs(rgb - c["color"]).sum(axis=1) < 40).sum() for c in CLASSES)
-                if painted > 10_000:
+                rgb = _editor_shot(page, tmp_path / "editor.png")
+                through, raw = _near(rgb, blends, tol=20), _near(rgb, scene, tol=20)
+                opaque = _near(rgb, [c["color"] for c in CLASSES], tol=10)
+                if through > 10_000:
                     break
-            cv2.imwrite(str(tmp_path / "editor.png"), shot)
-            assert painted > 10_000 and raw < 0.01 * painted, (raw, painted)
+            assert through > 10_000 and raw < 0.01 * through and opaque < 0.05 * through, (through, raw, opaque)
             page.click("#ls-save")
             page.wait_for_function(
                 "document.querySelector('#ls-save-msg').innerText.includes('Saved revision')", timeout=60_000
             )
+            accepted_layer = _sent_layers(events)[-1]  # the pre-annotation as the page sent it back
+            a = accepted_layer[..., 3]
+            assert abs(int(np.median(a[a > 0])) - LABEL_ALPHA) <= 1, np.unique(a)
             page.keyboard.press("p")  # Previous goes back to where Next came from
             page.wait_for_function(
                 "document.querySelector('#ls-image-info').innerText.includes('frame_001')", timeout=60_000
@@ -151,8 +202,10 @@ def test_paint_save_and_see_preannotation(tmp_path: Path):
     store = Store(cfg.db_path, image_root=cfg.image_root)
     first = store.images()[0]
     strokes = store.load_revision(store.history(first.id)[0].id)
+    assert set(np.unique(strokes).tolist()) == {0, 1, 255}  # exactly the classes painted, the rest unlabelled
     assert (strokes == 0).sum() > 50 and (strokes == 1).sum() > 50  # both strokes landed with their class
     assert (strokes[:30] != 1).all() and (strokes[-30:] != 0).all()  # ... where they were painted
+    assert np.array_equal(strokes != 255, painted[..., 3] >= MIN_ALPHA)  # every painted pixel, no more
     # The accepted pre-annotation was saved where the model put it: pixel for pixel, not shifted.
     from labelsmart.serving.onnx_model import OnnxModel
 
@@ -161,4 +214,4 @@ def test_paint_save_and_see_preannotation(tmp_path: Path):
     predicted = model.predict(store.read_image(second.id)).mask
     assert predicted.shape == (H, W)
     accepted = store.current_label(second.id)
-    assert (accepted == predicted).mean() > 0.99
+    assert np.array_equal(accepted, predicted)  # pixel for pixel, through the translucent layer and back

@@ -105,6 +105,51 @@ def test_editor_layers_of_another_size_are_rescaled(session: Session):
     assert mask.shape == (img.height, img.width) and (mask == 1).all()
 
 
+def test_the_editor_shows_labels_translucent_and_reads_them_back_exactly(session: Session, tmp_path: Path):
+    """Saved labels and a pre-annotation go into the editor at LABEL_ALPHA (the photo shows through); a layer at any
+    alpha reads back as the classes of its colours, exactly, and nothing else."""
+    from labelsmart.app.session import LABEL_ALPHA, MIN_ALPHA, label_layer, layer_to_mask
+
+    store, colors = session.store, session.colors()
+    img = store.images()[0]
+    mask = np.full((img.height, img.width), 255, np.uint8)
+    mask[:10], mask[-10:, :40], mask[40:50, 50:60] = 0, 1, 2
+    store.save_label(img.id, mask)
+    layer = session.view(img.id).editor["layers"][0]
+    assert layer.shape == (img.height, img.width, 4) and set(np.unique(layer[..., 3]).tolist()) == {0, LABEL_ALPHA}
+    assert np.array_equal(layer[..., :3][mask == 1], np.tile(colors[1], (int((mask == 1).sum()), 1)))
+    assert np.array_equal(session.editor_to_mask(img.id, {"layers": [layer]}), mask)
+    assert session.save(img.id, {"layers": [layer]}) == "Nothing changed since the last save."
+    # An opaque layer (older pages, API clients) and the browser's rounding of a translucent one read the same.
+    assert np.array_equal(layer_to_mask(imageio.mask_to_rgba(mask, colors), colors), mask)
+    noisy = layer.copy()
+    noise = np.random.default_rng(0).integers(-3, 4, noisy[..., :3].shape)
+    noisy[..., :3] = np.clip(noisy[..., :3].astype(int) + noise, 0, 255)
+    noisy[..., 3] = np.where(mask != 255, 127, 0)
+    assert np.array_equal(layer_to_mask(noisy, colors), mask)
+    # Faint (a stroke's rim), transparent whatever its colour, or far from every class colour: unlabelled.
+    odd = label_layer(np.zeros((1, 5), np.uint8), colors)
+    odd[0, 1, 3] = MIN_ALPHA - 1
+    odd[0, 2, 3] = 0
+    odd[0, 3, :3] = (128 + 17, 128, 128)  # sky, one channel off by more than the tolerance
+    odd[0, 4, :3] = (128 + 16, 128 - 16, 128 + 16)  # sky within the tolerance in every channel
+    assert layer_to_mask(odd, colors).tolist() == [[0, 255, 255, 255, 0]]
+    close = [(100, 100, 100), (110, 100, 100)]  # two class colours closer than twice the tolerance: the nearest
+    px = np.array([[[100, 100, 100, 128], [110, 100, 100, 128], [104, 100, 100, 128], [106, 100, 100, 255]]], np.uint8)
+    assert layer_to_mask(px, close).tolist() == [[0, 1, 0, 1]]
+    many = [(7 * k % 256, 13 * k % 256, 29 * k % 256) for k in range(150)]  # more classes than bits in a word
+    ids = np.arange(150, dtype=np.uint8).reshape(10, 15)
+    assert np.array_equal(layer_to_mask(label_layer(ids, many), many), ids)
+    # The pre-annotation goes in at the same alpha, and saves back as the prediction, pixel for pixel.
+    _publish_toy(session, tmp_path)
+    other = store.images()[1]
+    value = session.preannotation_layer(other.id)
+    pred = session.predictor.predict(other.id).mask
+    assert set(np.unique(value["layers"][0][..., 3]).tolist()) <= {0, LABEL_ALPHA}
+    assert session.save(other.id, value).startswith("Saved revision")
+    assert np.array_equal(store.current_label(other.id), pred)
+
+
 def test_navigation_and_classes(session: Session):
     ids = [r.id for r in session.store.images()]
     assert session.neighbour(ids[0], 1) == ids[1]
