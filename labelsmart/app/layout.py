@@ -385,12 +385,13 @@ def build_ui(session: Session, poll_s: float = 2.0) -> Any:
             if result.revision is not None:
                 base = result.revision  # saved (or nothing to save): the editor holds that revision now
             box = (gr.Column(visible=newer is not None), newer if newer is not None else gr.skip())
-            choices = session.image_choices()
+            rows = session.store.images()  # read once for the list and the counts
+            choices = session.image_choices(rows)
             if image_id is None or choices == shown:  # the picker shows this image already, with these marks
                 picker_value, shown = gr.skip(), gr.skip()
             else:
                 picker_value, shown = gr.Dropdown(choices=choices, value=image_id), choices
-            return result.message, info, session.progress_md(), picker_value, base, *box, shown
+            return result.message, info, session.progress_md(rows), picker_value, base, *box, shown
 
         save_btn.click(
             save,

@@ -19,7 +19,7 @@ import numpy as np
 from labelsmart import imageio
 from labelsmart.config import IGNORE_INDEX, Config
 from labelsmart.serving import active
-from labelsmart.store import ANY_REVISION, StaleRevisionError, Store, StoreError
+from labelsmart.store import ANY_REVISION, ImageRow, StaleRevisionError, Store, StoreError
 
 if TYPE_CHECKING:
     from labelsmart.serving.predictor import Predictor
@@ -228,9 +228,12 @@ class Session:
 
     # -------------------------------------------------------------------------------------- images
 
-    def image_choices(self) -> list[tuple[str, int]]:
-        """Dropdown choices ``(mark + path, id)``; marks: ● labelled, ◐ pre-annotated, ○ unlabelled."""
-        return [(f"{STATE_MARK[r.state]} {r.path}", r.id) for r in self.store.images()]
+    def image_choices(self, rows: list[ImageRow] | None = None) -> list[tuple[str, int]]:
+        """Dropdown choices ``(mark + path, id)``; marks: ● labelled, ◐ pre-annotated, ○ unlabelled.
+
+        ``rows``: the store's image list when the caller has just read it (one read for several answers).
+        """
+        return [(f"{STATE_MARK[r.state]} {r.path}", r.id) for r in (self.store.images() if rows is None else rows)]
 
     def first_image(self) -> int:
         """The first unlabelled image, else the first image."""
@@ -247,9 +250,9 @@ class Session:
             return ids[0]
         return ids[(ids.index(image_id) + step) % len(ids)]
 
-    def progress_md(self) -> str:
-        """Counts of labelled / pre-annotated / remaining images."""
-        rows = self.store.images()
+    def progress_md(self, rows: list[ImageRow] | None = None) -> str:
+        """Counts of labelled / pre-annotated / remaining images (``rows`` as in :meth:`image_choices`)."""
+        rows = self.store.images() if rows is None else rows
         n = {s: 0 for s in STATE_MARK}
         for r in rows:
             n[r.state] += 1
