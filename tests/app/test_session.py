@@ -18,6 +18,7 @@ from labelsmart import imageio
 from labelsmart.app.session import Session
 from labelsmart.project import open_project
 from labelsmart.serving.predictor import Predictor
+from labelsmart.store import Store
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -331,9 +332,19 @@ def test_launched_app_save_train_preannotate(tiny_dataset: Path, tmp_path: Path)
         dense = imageio.mask_to_rgba(truth, [c["color"] for c in CLASSES])  # the other paints the whole image
         cv2.imwrite(str(tmp_path / "dense.png"), cv2.cvtColor(dense, cv2.COLOR_RGBA2BGRA))
         theirs = {**value, "layers": [handle_file(str(tmp_path / "dense.png"))]}
-        late, *_ = other.predict(theirs, api_name="/save")  # painted on the image as it was before that save
+        late, *rest = other.predict(theirs, api_name="/save")  # painted on the image as it was before that save
         assert late.startswith("⚠️") and "was saved by annotator" in late and "nothing was saved" in late, late
+        newer = [x for x in rest if isinstance(x, str) and Path(x).is_file()]  # the labels saved meanwhile
+        assert newer and cv2.imread(newer[0]).shape == img.shape
         assert dict((i, s) for i, _, s in client.predict(api_name="/images"))[first] == "labelled"
+        merged, editor_value, *_ = other.predict(theirs, 0.5, api_name="/merge")  # theirs onto the newer labels
+        assert merged.startswith("Merged your strokes onto the newer labels"), merged
+        assert Path(editor_value["background"]).is_file() and len(editor_value["layers"]) == 1
+        again, *_ = client.predict(value, api_name="/save")  # the first annotator is now the stale one
+        assert again.startswith("⚠️"), again
+        kept, *_ = client.predict(value, 0.5, api_name="/keep_mine")
+        assert kept.startswith("Saved revision"), kept
+        assert [r.author for r in Store(tmp_path / "work" / "project.sqlite").history(first)] == ["annotator"] * 3
         status = wait_for(
             lambda: (s := client.predict(api_name="/status")) and "Serving model **v1**" in s and s,
             240,
@@ -347,8 +358,6 @@ def test_launched_app_save_train_preannotate(tiny_dataset: Path, tmp_path: Path)
     finally:
         stop_app(proc)
     # Stopping the app stops its trainer process too.
-    from labelsmart.store import Store
-
     trainer_pid = Store(tmp_path / "work" / "project.sqlite").get_status("trainer")[0]["pid"]
     deadline = time.time() + 20
     while time.time() < deadline and pid_alive(trainer_pid):
