@@ -11,6 +11,7 @@ import io
 import json
 import os
 import tempfile
+import types
 from pathlib import Path
 from typing import Any
 
@@ -119,26 +120,30 @@ def _save_pil_to_cache(img: Any, cache_dir: str, name: str = "image", format: st
     return str(path)
 
 
-class LabelEditor(gr.ImageEditor):
-    """Gradio's ImageEditor (the same front end, ``is_template``) that decodes only the layers the page sends.
+def _read_layers_only(editor: gr.ImageEditor) -> gr.ImageEditor:
+    """``editor``, made to decode only the layers of the values the page sends (``background`` and ``composite``
+    come back None).
 
-    A save reads the painted layers alone: the background is the project's own image and the composite is only the
-    two drawn together, and decoding both (two more full-size PNGs) was most of a save's own work.
+    A save reads the painted layers alone: the background is the project's own image and the composite only the two
+    drawn together, and decoding both (two more full-size PNGs) was most of a save's own work. It is this instance's
+    ``preprocess`` rather than a subclass because Gradio writes a ``.pyi`` stub next to the module of every
+    component class (and fails where it cannot write). A session that gets a new editor from an update (Add class)
+    decodes everything again: slower, the same labels.
     """
 
-    is_template = True
-
-    def preprocess(self, payload: Any) -> dict[str, Any] | None:
-        """The editor's value with ``background`` and ``composite`` left None; ``layers`` as Gradio gives them."""
+    def preprocess(self: gr.ImageEditor, payload: Any) -> dict[str, Any] | None:
         if payload is None:
             return None
-        if payload.id is not None:  # the page sent its images ahead as blobs (accept_blobs); take them once
+        if payload.id is not None:  # images sent ahead as blobs (accept_blobs): taken once
             cached = self.blob_storage.pop(payload.id, None)
             files = cached.layers if cached is not None else []
         else:
             files = payload.layers
         layers = [self.convert_and_format_image(f) for f in files or []]
         return {"background": None, "layers": [x for x in layers if x is not None], "composite": None}
+
+    editor.preprocess = types.MethodType(preprocess, editor)
+    return editor
 
 
 class _Backgrounds:
@@ -233,7 +238,7 @@ def build_ui(session: Session, poll_s: float = 2.0) -> Any:
                     export_msg = gr.Markdown(elem_id="ls-export-msg")
             with gr.Column(scale=3):
                 legend = gr.HTML(session.legend_html(), elem_id="ls-legend")
-                editor = LabelEditor(
+                editor = gr.ImageEditor(
                     type="numpy",
                     format="png",
                     image_mode="RGBA",
@@ -251,6 +256,7 @@ def build_ui(session: Session, poll_s: float = 2.0) -> Any:
                     canvas_size=(64, 64),
                     interactive=True,
                 )
+                _read_layers_only(editor)
                 with gr.Row():
                     save_btn = gr.Button("Save", variant="primary", elem_id="ls-save")
                     accept_btn = gr.Button("Use pre-annotation", elem_id="ls-accept")

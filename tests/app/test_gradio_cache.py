@@ -31,8 +31,11 @@ def test_the_page_uses_it(tiny_cfg):
     from labelsmart.serving.predictor import Predictor
 
     store = open_project(tiny_cfg)
-    layout.build_ui(Session(tiny_cfg, store, Predictor(store, tiny_cfg)))
+    demo = layout.build_ui(Session(tiny_cfg, store, Predictor(store, tiny_cfg)))
     assert processing_utils.save_pil_to_cache is layout._save_pil_to_cache
+    editor = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "ls-editor")
+    assert "preprocess" in vars(editor)  # reads only the layers
+    assert not Path(layout.__file__).with_suffix(".pyi").exists()  # no component class of ours for Gradio to stub
 
 
 def test_a_png_is_lossless_at_the_cheaper_level_and_the_same_bytes_make_one_file(tmp_path: Path):
@@ -72,11 +75,11 @@ def test_the_editor_background_is_encoded_once_per_image_and_again_when_the_file
 
 
 def test_the_editor_reads_only_its_layers(tmp_path: Path):
+    import gradio as gr
     from gradio.components.image_editor import EditorData, EditorDataBlobs
     from gradio.data_classes import FileData
 
-    editor = layout.LabelEditor(type="numpy", image_mode="RGBA", format="png", render=False)
-    assert editor.get_block_name() == "imageeditor"  # Gradio's own front end
+    editor = layout._read_layers_only(gr.ImageEditor(type="numpy", image_mode="RGBA", format="png", render=False))
     layer = np.zeros((6, 8, 4), np.uint8)
     layer[2:4, 1:5] = (128, 64, 128, 128)
     Image.fromarray(layer, "RGBA").save(tmp_path / "layer.png")
