@@ -34,7 +34,9 @@ from labelsmart.store import Store
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS_NAME = "load.json"
 SAVED = re.compile(r"Saved revision (\d+)")
-# A fast trainer, so rounds run (and compete for the CPU) while the clients work.
+# The default (continuous) trainer on one thread with small crops: it trains, publishes and scores throughout the
+# load, on one of the two cores (below the app's priority, as always). The round settings are for
+# LABELSMART_TRIGGER_MODE=rounds, where short rounds run back to back.
 TRAINER_ENV = {
     "LABELSMART_TRAIN_STEPS": "20",
     "LABELSMART_TRAIN_FIRST_ROUND_STEPS": "20",
