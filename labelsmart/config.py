@@ -101,7 +101,8 @@ class TriggerConfig:
     - at most every ``publish_min_interval_s``, and at once on "Train now";
 
     and only if it scores no worse than the served version on the held-out labels, less ``publish_tolerance``
-    (mIoU, 0..1). After ``idle_after_s`` without new labels or a better held-out score the trainer idles until the
+    (mIoU, 0..1), once at least ``publish_gate_images`` are held out.
+    After ``idle_after_s`` without new labels or a better held-out score the trainer idles until the
     next save. Only the newest ``keep_versions`` published versions keep their files (0 keeps all).
 
     ``mode`` ``rounds``: capped rounds, each started when ``min_new_pixels`` arrived and ``min_interval_s`` passed.
@@ -113,6 +114,7 @@ class TriggerConfig:
     publish_min_interval_s: float = 15.0
     publish_every_s: float = 120.0
     publish_tolerance: float = 0.02
+    publish_gate_images: int = 3  # the regression gate needs this many held-out images (fewer say little)
     idle_after_s: float = 300.0
     keep_versions: int = 20
     min_new_pixels: int = 500  # new labelled pixels since the last round's snapshot

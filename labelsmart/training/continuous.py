@@ -676,7 +676,8 @@ class ContinuousTrainer(TrainerLoop):
         served_miou = None
         if c.val:
             val = validate(c.model, c.val, cfg, num_classes, torch.device("cpu"))
-            if pub.served is not None and pub.served.num_classes == num_classes:
+            gate = len(c.val) >= cfg.trigger.publish_gate_images  # one or two images say little: no gate yet
+            if gate and pub.served is not None and pub.served.num_classes == num_classes:
                 served_miou = validate(pub.served, c.val, cfg, num_classes, torch.device("cpu"))["val_miou"]
         if val["val_miou"] is not None:
             if self.best_val is None or val["val_miou"] > self.best_val + 1e-3:

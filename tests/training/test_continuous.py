@@ -102,7 +102,8 @@ def test_a_save_joins_training_within_seconds_and_is_published(tiny_cfg):
         assert t.steps >= steps_before  # the same run went on: no restart
         _wait(lambda: store.latest_published().label_revision >= rev, what="a version trained on the save")
         row = store.latest_published()
-        assert row.version > first.version and row.labelled_images == 2 and row.metrics["steps"] > first.metrics["steps"]
+        assert row.version > first.version and row.labelled_images == 2
+        assert row.metrics["steps"] > first.metrics["steps"]
     assert absorbed_s < 15  # polled every 0.2 s; generous for a busy machine
     status, _ = store.get_status("trainer")
     assert status["mode"] == "continuous"
@@ -118,21 +119,24 @@ def test_a_candidate_worse_than_the_served_version_is_not_published(tiny_cfg, mo
     t._poll()
     t._train_slice(0.1)
     pub = t.publisher
-    scores = iter([0.6, 0.3, 0.6, 0.59, 0.6])  # candidate alone; then candidate, served (twice)
+    scores = iter([0.6, 0.3, 0.6, 0.59, 0.6, 0.1])  # candidate alone; then candidate, served (twice); alone
     monkeypatch.setattr(continuous, "validate", lambda *a, **k: {"val_miou": next(scores)} | _NO_IOU)
-    cand = t._candidate("new labels")
-    cand.val = [(np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8), np.uint8))]  # something held out
-    assert t.publish(cand, pub) is not None  # nothing served yet: published (no comparison made)
+    held = [(np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8), np.uint8))] * cfg.trigger.publish_gate_images
+
+    def candidate(val):
+        c = t._candidate("new labels")
+        c.val = val
+        return c
+
+    assert t.publish(candidate(held), pub) is not None  # nothing served yet: published (no comparison made)
     served = store.latest_published()
-    worse = t._candidate("new labels")
-    worse.val = cand.val
-    assert t.publish(worse, pub) is None  # 0.3 against 0.6
+    assert t.publish(candidate(held), pub) is None  # 0.3 against 0.6
     assert store.latest_published().version == served.version and len(store.models()) == 1
     assert "not published" in pub.last_result and "30.0 %" in pub.last_result
-    close = t._candidate("new labels")
-    close.val = cand.val
-    assert t.publish(close, pub) is not None  # 0.59 against 0.6: within the tolerance
+    assert t.publish(candidate(held), pub) is not None  # 0.59 against 0.6: within the tolerance
     assert store.latest_published().version == served.version + 1
+    assert t.publish(candidate(held[:1]), pub) is not None  # one held-out image is too few to judge by: no gate
+    assert store.latest_published().version == served.version + 2
 
 
 _NO_IOU = {"val_per_class_iou": None, "val_pixel_acc": None}
