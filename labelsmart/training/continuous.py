@@ -50,9 +50,9 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from labelsmart import imageio
-from labelsmart.config import Config
+from labelsmart.config import IGNORE_INDEX, Config
 from labelsmart.store import ModelRow, Snapshot, Store
-from labelsmart.store.registry import CHECKPOINT_NAME, ONNX_NAME, staging_dir, version_dir
+from labelsmart.store.registry import CHECKPOINT_NAME, ONNX_NAME, version_dir
 from labelsmart.training.data import LabelledSet
 from labelsmart.training.losses import class_weights
 from labelsmart.training.model import SegModel, build_model, read_checkpoint, save_checkpoint
@@ -64,7 +64,7 @@ from labelsmart.training.round import (
     resolve_device,
     warm_start,
 )
-from labelsmart.training.trainer import TrainerLoop
+from labelsmart.training.trainer import TrainerLoop, publish_version
 from labelsmart.training.validation import validate
 
 log = logging.getLogger(__name__)
@@ -101,6 +101,7 @@ class LabelPool:
         self.snapshot: Snapshot | None = None
         self.revisions: dict[int, int] = {}
         self._seen: tuple | None = None  # the store's revisions at the last refresh
+        self.classes_labelled = 0
         self.train: dict[int, Pair] = {}
         self.val: dict[int, Pair] = {}
 
@@ -141,20 +142,16 @@ class LabelPool:
                 image, mask = imageio.resize_image(image, size), imageio.resize_labels(mask, size)
             side[image_id], revisions[image_id] = (image, mask), rev
         self.train, self.val, self.revisions = train, val, revisions
+        seen: set[int] = set()
+        for _, mask in train.values():
+            seen.update(int(v) for v in np.unique(mask) if v != IGNORE_INDEX)
+        self.classes_labelled = len(seen)  # classes with a labelled pixel in the training images
         self.snapshot = Snapshot(
             max_revision=snap.max_revision,
             revisions=tuple((i, r) for i, r in snap.revisions if i in revisions),
             labelled_pixels=snap.labelled_pixels,
         )
         return True
-
-    @property
-    def classes_labelled(self) -> int:
-        """Classes with at least one labelled pixel in the training images."""
-        seen: set[int] = set()
-        for _, mask in self.train.values():
-            seen.update(int(v) for v in np.unique(mask) if v != 255)
-        return len(seen)
 
 
 # ------------------------------------------------------------------------------------------------ weights
@@ -695,12 +692,8 @@ class ContinuousTrainer(TrainerLoop):
             return None
         if pub.template is None or pub.template.key != template_key(c.model):
             raise RuntimeError("no ONNX graph template for this network; the trainer prepares one when it builds it")
-        version = store.begin_model(cfg.project_models_dir, c.snapshot)
-        final = version_dir(cfg.project_models_dir, version)
-        tmp = staging_dir(final)
-        try:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
+
+        def build(version: int, folder: Path) -> dict[str, Any]:
             metrics = {
                 "train_loss": c.loss,
                 **val,
@@ -715,17 +708,15 @@ class ContinuousTrainer(TrainerLoop):
                 "served_val_miou": served_miou,
                 **c.metrics,
             }
-            save_checkpoint(tmp / CHECKPOINT_NAME, c.model, cfg, self._classes(), version, c.steps, metrics)
+            save_checkpoint(folder / CHECKPOINT_NAME, c.model, cfg, self._classes(), version, c.steps, metrics)
             metrics["round_seconds"] = round(time.monotonic() - t0, 1)
-            export.export_onnx(tmp / CHECKPOINT_NAME, tmp / ONNX_NAME, metrics=metrics, graph=pub.template.write_graph)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            store.publish_model(version, metrics)
-        except BaseException as exc:
-            shutil.rmtree(tmp, ignore_errors=True)
-            store.fail_model(version, f"{type(exc).__name__}: {exc}")
-            raise
+            assert pub.template is not None
+            graph = pub.template.write_graph
+            export.export_onnx(folder / CHECKPOINT_NAME, folder / ONNX_NAME, metrics=metrics, graph=graph)
+            return metrics
+
+        row = publish_version(cfg, store, c.snapshot, build)
+        version = row.version
         pub.served, pub.served_version = c.model, version
         self.published_at = self.clock()
         self.published_revisions = c.snapshot.revisions
@@ -735,7 +726,7 @@ class ContinuousTrainer(TrainerLoop):
         log.info("%s in %.1f s", pub.last_result, time.monotonic() - t0)
         self.scorer.wake.set()
         self._prune()
-        return next(m for m in store.models() if m.version == version)
+        return row
 
     def _prune(self) -> None:
         """Remove the files of published versions older than the newest ``trigger.keep_versions`` (0 keeps all);
@@ -821,13 +812,3 @@ class ContinuousTrainer(TrainerLoop):
             self.idle = True
             log.info(self._idle_reason())
         self._status(force=True)
-
-
-def continuous_config_note(cfg: Config) -> str:
-    """One line for logs: the rules the continuous trainer runs by."""
-    t = cfg.trigger
-    return (
-        f"continuous trainer: first version after {t.first_publish_steps} steps, then after {t.publish_min_steps} "
-        f"steps on new labels (at most every {t.publish_min_interval_s:.0f} s) or every {t.publish_every_s:.0f} s; "
-        f"idle after {t.idle_after_s:.0f} s without news"
-    )

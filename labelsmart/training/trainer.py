@@ -19,6 +19,7 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -149,18 +150,13 @@ def run_one_round(
         init = None
     if steps is None:
         steps = cfg.train.steps if previous else cfg.train.first_round_steps
-    version = store.begin_model(cfg.project_models_dir, snapshot)
-    final = version_dir(cfg.project_models_dir, version)
-    tmp = staging_dir(final)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     report = progress or (lambda _info: None)
     started = time.monotonic()
 
-    def notify(message: str) -> None:  # a change of course, shown on the page with the other warnings
-        store.add_event("warning", "trainer", f"round v{version}: {message}")
+    def work(version: int, tmp: Path) -> dict[str, Any]:
+        def notify(message: str) -> None:  # a change of course, shown on the page with the other warnings
+            store.add_event("warning", "trainer", f"round v{version}: {message}")
 
-    try:
         data = round_data(store, snapshot, cfg.train)
         result = training_round.run_round(
             cfg,
@@ -185,6 +181,28 @@ def run_one_round(
         )
         export.export_onnx(checkpoint, tmp / ONNX_NAME, metrics=metrics)
         metrics["round_seconds"] = round(time.monotonic() - started, 1)
+        return metrics
+
+    row = publish_version(cfg, store, snapshot, work)
+    log.info("published version %d at %s (%s)", row.version, row.folder, row.metrics)
+    return row
+
+
+def publish_version(
+    cfg: Config, store: Store, snapshot: Snapshot, build: Callable[[int, Path], dict[str, Any]]
+) -> ModelRow:
+    """Register a version trained on ``snapshot``, have ``build(version, folder)`` write its files into a hidden
+    staging folder (returning the metrics to record), move the folder into place with one rename, and only then
+    flip the registry row to published. On any failure the row is marked failed, the staging folder removed, and
+    the exception re-raised; the last good model keeps serving. Rounds and the continuous trainer both publish so.
+    """
+    version = store.begin_model(cfg.project_models_dir, snapshot)
+    final = version_dir(cfg.project_models_dir, version)
+    tmp = staging_dir(final)
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        metrics = build(version, tmp)
         if final.exists():  # a leftover of a crashed earlier attempt at this version number
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -193,7 +211,6 @@ def run_one_round(
         shutil.rmtree(tmp, ignore_errors=True)
         store.fail_model(version, f"{type(exc).__name__}: {exc}")
         raise
-    log.info("published version %d at %s (%s)", version, final, metrics)
     return next(m for m in store.models() if m.version == version)
 
 
