@@ -1,4 +1,4 @@
-"""The ``bench`` commands of ``python -m labelsmart``: serve, preannotate, loop, label-efficiency, load.
+"""The ``bench`` commands of ``python -m labelsmart``: serve, preannotate, loop, label-efficiency, load, train-speed.
 
 The product's CLI (:mod:`labelsmart.cli`) knows nothing of them: :func:`register` adds them to its parser, and
 :func:`main` is the whole program, product and benchmarks, that ``python -m labelsmart`` runs. Each benchmark
@@ -10,12 +10,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from labelsmart import cli
-from labelsmart.cli import EXIT_OK, CliError, SubParsers
+from labelsmart.cli import EXIT_FAILED, EXIT_OK, CliError, SubParsers
 
 
 def _parse_batches(text: str) -> list[int]:
@@ -242,6 +243,32 @@ def cmd_bench_load(args: argparse.Namespace) -> int:
     return EXIT_OK if not result["lost"] and not result["wrong"] else 1
 
 
+def cmd_bench_train_speed(args: argparse.Namespace) -> int:
+    """Training speed: steps/s and FLOPs per step of the shipped training step per variant, against the peak."""
+    from labelsmart.bench import train_speed
+
+    spec = train_speed.SpeedSpec(
+        out=Path(args.out),
+        variants=train_speed.parse_variants(args.variants),
+        seconds=args.seconds,
+        warmup=args.warmup,
+        threads=args.threads,
+        device=args.device,
+        num_classes=args.classes,
+        overrides=_parse_settings(args.set, "train.crop=128"),
+        peak_size=args.peak_size,
+        isolate=not args.in_process,
+    )
+    records = train_speed.run_benchmark(spec)
+    print(train_speed.format_table(records))
+    print(f"results: {spec.out / train_speed.RESULTS_NAME}")
+    print(f"table: {spec.out / train_speed.TABLE_NAME}")
+    failed = [r["variant"] for r in records if r.get("error")]
+    if failed:
+        print(f"{len(failed)} variant(s) failed ({', '.join(failed)}); their errors are in the table.", file=sys.stderr)
+    return EXIT_OK if len(failed) < len(records) else EXIT_FAILED
+
+
 def _parse_settings(items: Sequence[str] | None, example: str) -> dict[str, str]:
     """``--set SECTION.FIELD=VALUE`` flags as a dict; raises :class:`CliError` on anything else."""
     overrides: dict[str, str] = {}
@@ -337,6 +364,25 @@ def register(sub: SubParsers) -> None:
     ld.add_argument("--ops", type=int, default=200, help="API calls per client (default 200)")
     ld.add_argument("--out", required=True, help="output folder: load.json, and the run's project state")
     ld.set_defaults(func=cmd_bench_load)
+    ts = bsub.add_parser(
+        "train-speed", help="training speed: steps/s and FLOPs per step per variant, against the measured peak"
+    )
+    ts.add_argument(
+        "--variants",
+        default="all",
+        help="variant names, comma-separated, or all (default): deeplabv3plus, its -cl, -compile, -crop128, -batch8, "
+        "fpn, unet (labelsmart/bench/train_speed.py)",
+    )
+    ts.add_argument("--seconds", type=float, default=20.0, help="timed wall time per variant (default 20)")
+    ts.add_argument("--warmup", type=int, default=3, help="untimed steps first; compilation needs several (default 3)")
+    ts.add_argument("--threads", type=int, default=1, help="torch threads, peak too (default 1; 0 = all cores)")
+    ts.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu", help="training device (default cpu)")
+    ts.add_argument("--classes", type=int, default=11, help="classes of the random labels (default 11, CamVid's)")
+    ts.add_argument("--set", action="append", metavar="KEY=VALUE", help="change a train.*/model.* setting (repeatable)")
+    ts.add_argument("--peak-size", dest="peak_size", type=int, default=2048, help="n of the n^3 peak matrix product")
+    ts.add_argument("--in-process", dest="in_process", action="store_true", help="run variants in this process")
+    ts.add_argument("--out", required=True, help="output folder: results.jsonl, table.md (overwritten)")
+    ts.set_defaults(func=cmd_bench_train_speed)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
