@@ -211,8 +211,7 @@ class OnnxTemplate:
         state that is not safe beside training in another thread."""
         import onnx
 
-        from labelsmart.serving.sidecar import INPUT_NAME, OUTPUT_NAME
-        from labelsmart.training.export import PARITY_SHAPES
+        from labelsmart.training.export import PARITY_SHAPES, export_torchscript
 
         t0 = time.monotonic()
         self.key = template_key(model)
@@ -224,22 +223,13 @@ class OnnxTemplate:
             for t in model.state_dict().values():
                 if t.is_floating_point():
                     t.copy_(torch.rand_like(t) + 0.5)
-        axes = {0: "batch", 2: "height", 3: "width"}
         with tempfile.TemporaryDirectory(prefix="labelsmart-template-") as tmp, warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
             path = Path(tmp) / "graph.onnx"
-            example = torch.rand(*PARITY_SHAPES[0], device=next(model.parameters()).device)
-            torch.onnx.export(
-                model,
-                (example,),
-                str(path),
-                input_names=[INPUT_NAME],
-                output_names=[OUTPUT_NAME],
-                opset_version=opset,
-                dynamo=False,
-                do_constant_folding=False,
-                dynamic_axes={INPUT_NAME: axes, OUTPUT_NAME: axes},
-            )
+            example = torch.rand(*PARITY_SHAPES[0], device=next(model.parameters()).device)  # (1, 3, H, W)
+            # TorchScript, not export_graph's dynamo first (10 to 20 s); no constant folding, so the initializers
+            # stay the weights by name (BatchNorm is not folded into the convolutions)
+            export_torchscript(model, path, opset, example, constant_folding=False)
             self.proto = onnx.load(str(path))
         shapes = dict(self.key[2])
         self.names = [init.name for init in self.proto.graph.initializer]

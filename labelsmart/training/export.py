@@ -80,14 +80,14 @@ def export_graph(model: SegModel, path: Path, opset: int, example_input: torch.T
     Returns:
         The exporter used: ``"dynamo"`` or ``"torchscript"``.
     """
-    example = (example_input if example_input is not None else torch.rand(*PARITY_SHAPES[0]),)
+    example = example_input if example_input is not None else torch.rand(*PARITY_SHAPES[0])  # (B, 3, H, W)
     try:
         batch = torch.export.Dim("batch", min=1, max=1024)
         height = torch.export.Dim("height", min=32, max=8192)
         width = torch.export.Dim("width", min=32, max=8192)
         torch.onnx.export(
             model,
-            example,
+            (example,),
             str(path),
             input_names=[INPUT_NAME],
             output_names=[OUTPUT_NAME],
@@ -100,21 +100,38 @@ def export_graph(model: SegModel, path: Path, opset: int, example_input: torch.T
         return "dynamo"
     except Exception as exc:  # the exporter raises many types
         log.warning("dynamo ONNX exporter failed (%s: %s); trying the TorchScript exporter", type(exc).__name__, exc)
-    axes = {0: "batch", 2: "height", 3: "width"}
     try:
-        torch.onnx.export(
-            model,
-            example,
-            str(path),
-            input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
-            opset_version=opset,
-            dynamo=False,
-            dynamic_axes={INPUT_NAME: axes, OUTPUT_NAME: axes},
-        )
+        export_torchscript(model, path, opset, example)
     except Exception as exc:
         raise ExportError(f"ONNX export failed with both exporters ({type(exc).__name__}: {exc}).") from exc
     return "torchscript"
+
+
+def export_torchscript(
+    model: SegModel, path: Path, opset: int, example: torch.Tensor, constant_folding: bool = True
+) -> None:
+    """Write ``model.forward`` to ``path`` with the TorchScript exporter, dynamic in batch, height and width.
+
+    The one TorchScript export: :func:`export_graph`'s fallback, and the continuous trainer's graph template
+    (:class:`labelsmart.training.continuous.OnnxTemplate`), which needs it for its speed beside training.
+
+    Args:
+        example: the tracing input (B, 3, H, W), of the model's dtype and device.
+        constant_folding: the exporter's constant folding (its default). Off, the graph's initializers are exactly
+            the model's parameters and buffers, by name, so new weights can be written into the same graph.
+    """
+    axes = {0: "batch", 2: "height", 3: "width"}
+    torch.onnx.export(
+        model,
+        (example,),
+        str(path),
+        input_names=[INPUT_NAME],
+        output_names=[OUTPUT_NAME],
+        opset_version=opset,
+        dynamo=False,
+        do_constant_folding=constant_folding,
+        dynamic_axes={INPUT_NAME: axes, OUTPUT_NAME: axes},
+    )
 
 
 def check_parity(model: SegModel, onnx_path: Path, threads: int | None = None, frugal: bool = False) -> float:

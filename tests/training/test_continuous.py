@@ -2,35 +2,30 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import threading
 import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from labelsmart.config import Config
 from labelsmart.project import open_project
-from labelsmart.store import Store
+from labelsmart.store import ModelRow, Store
 from labelsmart.training import continuous
 from labelsmart.training.continuous import ContinuousTrainer, LabelPool, held_out
 from labelsmart.training.trainer import make_loop
 
-
-def _cfg(cfg, **trigger):
-    return dataclasses.replace(cfg, trigger=dataclasses.replace(cfg.trigger, mode="continuous", **trigger))
+QUICK = {"first_publish_steps": 2, "publish_min_steps": 2, "publish_min_interval_s": 0}  # publish every two steps
 
 
-def _label(store: Store, image_id: int, rows: int = 5) -> int:
-    """Stripes of class 0 at the top and class 1 at the bottom; returns the revision."""
-    img = store.image(image_id)
-    mask = np.full((img.height, img.width), 255, np.uint8)
-    mask[:rows], mask[-rows:] = 0, 1
-    return store.save_label(image_id, mask)
-
-
-def _wait(cond, timeout: float = 120.0, what: str = "") -> None:
+def _wait(cond: Callable[[], object], what: str, timeout: float = 120.0) -> None:
+    """Wait for ``cond()``; the deadline is only there so that a broken trainer fails the test instead of hanging."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if cond():
@@ -39,22 +34,57 @@ def _wait(cond, timeout: float = 120.0, what: str = "") -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
-class _Running:
-    """A trainer running in a thread of the test, stopped at exit."""
+@dataclass
+class Project:
+    """A project store of the tiny data set, in continuous mode; ``ids`` are its images in order."""
 
-    def __init__(self, trainer: ContinuousTrainer) -> None:
-        self.trainer = trainer
-        self.stopped = threading.Event()
-        self.thread = threading.Thread(target=trainer.run, args=(self.stopped.is_set,), daemon=True)
+    cfg: Config
+    store: Store
+    ids: list[int]
 
-    def __enter__(self) -> ContinuousTrainer:
-        self.thread.start()
-        return self.trainer
+    def label(self, k: int, rows: int = 5) -> int:
+        """Label image ``ids[k]``: stripes of class 0 at the top and class 1 at the bottom. Returns the revision."""
+        img = self.store.image(self.ids[k])
+        mask = np.full((img.height, img.width), 255, np.uint8)
+        mask[:rows], mask[-rows:] = 0, 1
+        return self.store.save_label(self.ids[k], mask)
 
-    def __exit__(self, *exc) -> None:
-        self.stopped.set()
-        self.thread.join(60)
-        assert not self.thread.is_alive()
+    @contextlib.contextmanager
+    def running(self, trainer: ContinuousTrainer | None = None) -> Iterator[ContinuousTrainer]:
+        """A trainer (a new one by default) running in a thread of the test, stopped at exit."""
+        trainer = trainer or ContinuousTrainer(self.cfg, self.store)
+        stopped = threading.Event()
+        thread = threading.Thread(target=trainer.run, args=(stopped.is_set,), daemon=True)
+        thread.start()
+        try:
+            yield trainer
+        finally:
+            stopped.set()
+            thread.join(60)
+        assert not thread.is_alive()
+
+    def published(self, what: str, until: Callable[[ModelRow], bool] = lambda row: True) -> ModelRow:
+        """The newest published version, once there is one and ``until`` holds for it."""
+        _wait(lambda: (row := self.store.latest_published()) is not None and until(row), what=what)
+        row = self.store.latest_published()
+        assert row is not None
+        return row
+
+
+@pytest.fixture
+def project(tiny_cfg: Config) -> Callable[..., Project]:
+    """``project(labelled=1, **trigger)``: the tiny project with its first ``labelled`` images labelled, in
+    continuous mode with these ``trigger`` settings."""
+
+    def make(labelled: int = 1, **trigger: object) -> Project:
+        cfg = dataclasses.replace(tiny_cfg, trigger=dataclasses.replace(tiny_cfg.trigger, mode="continuous", **trigger))
+        store = open_project(cfg)
+        p = Project(cfg, store, [r.id for r in store.images()])
+        for k in range(labelled):
+            p.label(k)
+        return p
+
+    return make
 
 
 def test_held_out_images_stay_on_their_side_as_the_set_grows():
@@ -65,63 +95,72 @@ def test_held_out_images_stay_on_their_side_as_the_set_grows():
     assert not any(held_out(i, 1) for i in range(100))  # val_every < 2: nothing held out
 
 
-def test_the_label_pool_reads_only_images_whose_labels_changed(tiny_cfg, monkeypatch):
-    store = open_project(tiny_cfg)
-    ids = [r.id for r in store.images()]
-    for i in ids[:3]:
-        _label(store, i)
+def test_the_label_pool_reads_only_images_whose_labels_changed(project, monkeypatch):
+    p = project(labelled=3)
     reads = []
-    real = store.read_image
-    monkeypatch.setattr(store, "read_image", lambda i: reads.append(i) or real(i))
-    pool = LabelPool(store, tiny_cfg)
-    assert pool.refresh() and sorted(reads) == sorted(ids[:3]) and len(pool.train) == 3
+    real = p.store.read_image
+    monkeypatch.setattr(p.store, "read_image", lambda i: reads.append(i) or real(i))
+    pool = LabelPool(p.store, p.cfg)
+    assert pool.refresh() and sorted(reads) == sorted(p.ids[:3]) and len(pool.train) == 3
     assert not pool.refresh()  # nothing new
     reads.clear()
-    _label(store, ids[1], rows=7)
-    assert pool.refresh() and reads == [ids[1]]
-    assert pool.snapshot is not None and pool.snapshot.revisions == store.snapshot().revisions
-    h, w = pool.train[ids[0]][1].shape  # working scale
-    assert max(h, w) <= tiny_cfg.preprocess.max_side
+    p.label(1, rows=7)
+    assert pool.refresh() and reads == [p.ids[1]]
+    assert pool.snapshot is not None and pool.snapshot.revisions == p.store.snapshot().revisions
+    h, w = pool.train[p.ids[0]][1].shape  # working scale
+    assert max(h, w) <= p.cfg.preprocess.max_side
 
 
-def test_a_save_joins_training_within_seconds_and_is_published(tiny_cfg):
-    cfg = _cfg(tiny_cfg, first_publish_steps=3, publish_min_steps=3, publish_min_interval_s=0, keep_versions=0)
-    store = open_project(cfg)
-    ids = [r.id for r in store.images()]
-    _label(store, ids[0])
-    with _Running(ContinuousTrainer(cfg, store)) as t:
-        _wait(lambda: store.latest_published() is not None, what="the first version")
-        first = store.latest_published()
+def test_a_save_joins_training_at_the_next_poll_and_is_published(project):
+    p = project(first_publish_steps=3, publish_min_steps=3, publish_min_interval_s=0, keep_versions=0)
+    t = ContinuousTrainer(p.cfg, p.store)
+    # Counted in the trainer's own progress, not in seconds: for each poll of the store and each training slice
+    # that begins after the save, whether the save is in the training set by then.
+    saved = threading.Event()
+    polls: list[bool] = []
+    slices: list[bool] = []
+    refresh, train_slice = t.pool.refresh, t._train_slice
+
+    def counted_refresh() -> bool:
+        after = saved.is_set()
+        changed = refresh()
+        if after:
+            polls.append(p.ids[1] in t.pool.revisions)
+        return changed
+
+    def counted_slice(seconds: float) -> None:
+        if saved.is_set():
+            slices.append(p.ids[1] in t.pool.revisions)
+        train_slice(seconds)
+
+    t.pool.refresh, t._train_slice = counted_refresh, counted_slice
+    with p.running(t):
+        first = p.published("the first version")
         assert first.metrics["mode"] == "continuous" and first.metrics["publish_reason"] == "first model"
         assert first.onnx.is_file() and "graph template" in (first.folder / "model.json").read_text()
         steps_before = t.steps
-        rev = _label(store, ids[1])
-        saved = time.monotonic()
-        _wait(lambda: ids[1] in t.pool.revisions, timeout=30, what="the save to join the training set")
-        absorbed_s = time.monotonic() - saved
+        rev = p.label(1)
+        saved.set()
+        _wait(lambda: polls, what="a poll of the store after the save")
+        assert polls[0]  # the first poll after the save took it in
+        assert slices.count(False) <= 1  # training went on for at most the slice under way when the save came
         assert t.steps >= steps_before  # the same run went on: no restart
-        _wait(lambda: store.latest_published().label_revision >= rev, what="a version trained on the save")
-        row = store.latest_published()
+        row = p.published("a version trained on the save", lambda r: r.label_revision >= rev)
         assert row.version > first.version and row.labelled_images == 2
         assert row.metrics["steps"] > first.metrics["steps"]
-    assert absorbed_s < 15  # polled every 0.2 s; generous for a busy machine
-    status, _ = store.get_status("trainer")
+    status, _ = p.store.get_status("trainer")
     assert status["mode"] == "continuous"
 
 
-def test_a_candidate_worse_than_the_served_version_is_not_published(tiny_cfg, monkeypatch):
-    cfg = _cfg(tiny_cfg, publish_tolerance=0.02)
-    store = open_project(cfg)
-    ids = [r.id for r in store.images()]
-    for i in ids[:3]:
-        _label(store, i)
-    t = ContinuousTrainer(cfg, store)
+def test_a_candidate_worse_than_the_served_version_is_not_published(project, monkeypatch):
+    p = project(labelled=3, publish_tolerance=0.02)
+    t = ContinuousTrainer(p.cfg, p.store)
     t._poll()
     t._train_slice(0.1)
     pub = t.publisher
     scores = iter([0.6, 0.3, 0.6, 0.59, 0.6, 0.1])  # candidate alone; then candidate, served (twice); alone
     monkeypatch.setattr(continuous, "validate", lambda *a, **k: {"val_miou": next(scores)} | _NO_IOU)
-    held = [(np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8), np.uint8))] * cfg.trigger.publish_gate_images
+    held = [(np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8), np.uint8))] * p.cfg.trigger.publish_gate_images
 
     def candidate(val):
         c = t._candidate("new labels")
@@ -129,51 +168,45 @@ def test_a_candidate_worse_than_the_served_version_is_not_published(tiny_cfg, mo
         return c
 
     assert t.publish(candidate(held), pub) is not None  # nothing served yet: published (no comparison made)
-    served = store.latest_published()
+    served = p.store.latest_published()
     assert t.publish(candidate(held), pub) is None  # 0.3 against 0.6
-    assert store.latest_published().version == served.version and len(store.models()) == 1
+    assert p.store.latest_published().version == served.version and len(p.store.models()) == 1
     assert "not published" in pub.last_result and "30.0 %" in pub.last_result
     assert t.publish(candidate(held), pub) is not None  # 0.59 against 0.6: within the tolerance
-    assert store.latest_published().version == served.version + 1
+    assert p.store.latest_published().version == served.version + 1
     assert t.publish(candidate(held[:1]), pub) is not None  # one held-out image is too few to judge by: no gate
-    assert store.latest_published().version == served.version + 2
+    assert p.store.latest_published().version == served.version + 2
 
 
 _NO_IOU = {"val_per_class_iou": None, "val_pixel_acc": None}
 
 
-def test_the_trainer_idles_without_news_and_wakes_at_the_next_save(tiny_cfg):
-    cfg = _cfg(tiny_cfg, first_publish_steps=2, idle_after_s=1.0, publish_min_interval_s=0)
-    store = open_project(cfg)
-    ids = [r.id for r in store.images()]
-    _label(store, ids[0])
-    with _Running(ContinuousTrainer(cfg, store)) as t:
+def test_the_trainer_idles_without_news_and_wakes_at_the_next_save(project):
+    p = project(first_publish_steps=2, idle_after_s=1.0, publish_min_interval_s=0)
+    with p.running() as t:
         _wait(lambda: t.idle, what="the trainer to go idle")
         steps = t.steps
         time.sleep(1.0)
         assert t.steps == steps  # idle: no steps
-        assert store.get_status("trainer")[0]["state"] == "idle"
-        _label(store, ids[1])
+        assert p.store.get_status("trainer")[0]["state"] == "idle"
+        p.label(1)
         _wait(lambda: t.steps > steps, what="training to resume after a save")
 
 
-def test_new_classes_restart_the_head_and_the_next_version_has_them(tiny_cfg):
-    cfg = _cfg(tiny_cfg, first_publish_steps=2, publish_min_steps=2, publish_min_interval_s=0)
-    store = open_project(cfg)
-    ids = [r.id for r in store.images()]
-    _label(store, ids[0])
-    with _Running(ContinuousTrainer(cfg, store)):
-        _wait(lambda: store.latest_published() is not None, what="the first version")
-        k = len(store.classes())
-        store.add_class("extra", (1, 2, 3))
-        img = store.image(ids[1])
+def test_new_classes_restart_the_head_and_the_next_version_has_them(project):
+    p = project(**QUICK)
+    with p.running():
+        p.published("the first version")
+        k = len(p.store.classes())
+        p.store.add_class("extra", (1, 2, 3))
+        img = p.store.image(p.ids[1])
         mask = np.full((img.height, img.width), 255, np.uint8)
         mask[:4], mask[4:8], mask[-4:] = 0, 1, k
-        rev = store.save_label(ids[1], mask)
-        _wait(lambda: store.latest_published().label_revision >= rev, what="a version with the new class")
+        rev = p.store.save_label(p.ids[1], mask)
+        p.published("a version with the new class", lambda r: r.label_revision >= rev)
     from labelsmart.serving.sidecar import load_sidecar
 
-    assert len(load_sidecar(store.latest_published().onnx).classes) == k + 1
+    assert len(load_sidecar(p.store.latest_published().onnx).classes) == k + 1
 
 
 def _continuous_until_killed(cfg) -> None:
@@ -189,29 +222,25 @@ def _continuous_until_killed(cfg) -> None:
     make_loop(cfg, store).run()
 
 
-def test_a_kill_mid_export_leaves_the_served_version_intact_and_the_next_start_resumes(tiny_cfg):
+def test_a_kill_mid_export_leaves_the_served_version_intact_and_the_next_start_resumes(project):
     import multiprocessing as mp
     import signal
 
-    cfg = _cfg(tiny_cfg, first_publish_steps=2, publish_min_steps=2, publish_min_interval_s=0)
-    store = open_project(cfg)
-    ids = [r.id for r in store.images()]
-    _label(store, ids[0])
-    with _Running(ContinuousTrainer(cfg, store)):
-        _wait(lambda: store.latest_published() is not None, what="the first version")
-    served = store.latest_published()
-    _label(store, ids[1])
-    proc = mp.get_context("spawn").Process(target=_continuous_until_killed, args=(cfg,))
+    p = project(**QUICK)
+    with p.running():
+        served = p.published("the first version")
+    p.label(1)
+    proc = mp.get_context("spawn").Process(target=_continuous_until_killed, args=(p.cfg,))
     proc.start()
     staging = served.folder.with_name(f".v{served.version + 1:04d}.tmp")
     _wait(lambda: (staging / "model.onnx").exists(), what="the export to begin")
     os.kill(proc.pid, signal.SIGKILL)
     proc.join(10)
-    assert store.latest_published().version == served.version and served.onnx.is_file()
-    assert store.models()[-1].status == "training"  # left as it died
-    with _Running(ContinuousTrainer(cfg, store)):  # the next start recovers, then publishes what it learns
-        _wait(lambda: store.latest_published().version > served.version + 1, what="a version after the kill")
-    rows = {m.version: m for m in store.models()}
+    assert p.store.latest_published().version == served.version and served.onnx.is_file()
+    assert p.store.models()[-1].status == "training"  # left as it died
+    with p.running():  # the next start recovers, then publishes what it learns
+        p.published("a version after the kill", lambda r: r.version > served.version + 1)
+    rows = {m.version: m for m in p.store.models()}
     assert rows[served.version + 1].status == "failed" and not staging.exists()
 
 
