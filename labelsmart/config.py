@@ -80,6 +80,19 @@ class TrainConfig:
     pseudo_threshold: float = 0.9
     pseudo_after: float = 0.3
     unlabelled_images: int = 256
+    # Self-training on the unlabelled images, FixMatch-style (0 = off): once pseudo_after of the fine-tuning steps are
+    # done, each step also takes batch_size // 2 (at least 2) crops of unlabelled images; a teacher's prediction on the
+    # plain crop (the weak view) gives each pixel a pseudo-label, kept where its probability reaches the class's
+    # threshold, and the network learns it by cross-entropy on a strongly augmented view of the same crop (colour
+    # jitter, grey, blur, a cut-out), weighted by unlabelled_weight and averaged over all the crops' pixels. The teacher
+    # is the network itself (teacher_ema 0) or a moving average of its weights (a mean teacher, teacher_ema e.g. 0.99).
+    # With pseudo_class_balance the thresholds are FlexMatch's: pseudo_threshold times a class's share of confident
+    # pixels relative to the most confident class (mapped x / (2 - x), at least pseudo_min_threshold), so rare classes
+    # get pseudo-labels too.
+    unlabelled_weight: float = 0.0
+    teacher_ema: float = 0.0
+    pseudo_class_balance: bool = True
+    pseudo_min_threshold: float = 0.5
     device: str = "auto"  # auto | cpu | cuda
     threads: int = 0  # torch CPU threads (0 = all cores)
     seed: int = 0

@@ -167,7 +167,9 @@ def cells_of(spec: BenchSpec) -> list[Cell]:
 def ce_only(tc: TrainConfig) -> TrainConfig:
     """Plain cross-entropy, the baseline row: the shipped round with every contrastive part and the class
     balancing switched off."""
-    return dataclasses.replace(tc, pretrain_fraction=0.0, contrastive_weight=0.0, pseudo_weight=0.0, class_balance=0.0)
+    return dataclasses.replace(
+        tc, pretrain_fraction=0.0, contrastive_weight=0.0, pseudo_weight=0.0, unlabelled_weight=0.0, class_balance=0.0
+    )
 
 
 def _net_config(spec: BenchSpec, row: str) -> Config:

@@ -188,3 +188,32 @@ class UnlabelledSet(Dataset):
             "view1": torch.from_numpy(imageio.normalize(photometric(image, rng), self.mean, self.std)),
             "view2": torch.from_numpy(imageio.normalize(photometric(image, rng), self.mean, self.std)),
         }
+
+
+def cut_out(image: np.ndarray, rng: np.random.Generator, fill: Sequence[int], max_share: float = 0.5) -> np.ndarray:
+    """A copy of ``image`` (``(H, W, 3)`` uint8) with one random rectangle, up to ``max_share`` of each side,
+    filled with ``fill`` (FixMatch's cut-out; the pseudo-labels under it still apply)."""
+    h, w = image.shape[:2]
+    ch, cw = int(rng.integers(1, max(2, int(h * max_share) + 1))), int(rng.integers(1, max(2, int(w * max_share) + 1)))
+    y0, x0 = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+    out = image.copy()
+    out[y0 : y0 + ch, x0 : x0 + cw] = np.asarray(fill, dtype=np.uint8)
+    return out
+
+
+class WeakStrongSet(UnlabelledSet):
+    """Unlabelled crops for self-training (``train.unlabelled_weight``): ``{"weak", "strong"}``, each
+    ``(3, c, c) float32``: one random scale / crop / flip (the weak view, from which the teacher's pseudo-labels
+    come) and the same crop strongly augmented (:func:`photometric`, then :func:`cut_out`), pixel-aligned with it,
+    which the network learns the pseudo-labels on."""
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, int(index)])
+        image = self.items[int(index) % len(self.items)]
+        every = np.zeros(image.shape[:2], dtype=np.uint8)
+        image, _ = random_scale_crop_flip(image, every, self.crop, rng, self.fill)  # (c, c, 3)
+        strong = cut_out(photometric(image, rng), rng, self.fill)
+        return {
+            "weak": torch.from_numpy(imageio.normalize(image, self.mean, self.std)),
+            "strong": torch.from_numpy(imageio.normalize(strong, self.mean, self.std)),
+        }

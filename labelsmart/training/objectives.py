@@ -6,7 +6,10 @@
   photometric views, the pretraining stage;
 - :func:`joint_step`: both at once, from one forward pass over the two views;
 - :func:`semi_step`: the joint step with confident pseudo-labels of unlabelled crops in the contrastive loss
-  (the paper's semi-supervised variant).
+  (the paper's semi-supervised variant);
+- :func:`self_training_step`: cross-entropy on the labelled crops plus cross-entropy on a teacher's confident
+  pseudo-labels of unlabelled crops, learnt on a strongly augmented view (FixMatch; with a moving-average
+  teacher, a mean teacher), with per-class thresholds (:class:`PseudoThresholds`).
 
 Each returns the loss (the caller steps the optimiser). :class:`StepContext` holds what every step needs
 besides its batch.
@@ -17,7 +20,9 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from labelsmart.config import IGNORE_INDEX, TrainConfig
@@ -161,3 +166,71 @@ def semi_step(
     with ctx.autocast:
         contrastive = contrastive_loss(ctx, feats, label_all)
     return ce / 2.0 + ctx.tc.pseudo_weight * contrastive, share
+
+
+class PseudoThresholds:
+    """Per-class confidence thresholds of pseudo-labels, FlexMatch's curriculum (Zhang et al., NeurIPS 2021).
+
+    ``sigma_k`` is a running count of unlabelled pixels predicted as class k with probability >= ``tau``; class k's
+    threshold is ``tau * M(sigma_k / max sigma)`` with ``M(x) = x / (2 - x)``, at least ``floor``: a class the
+    network is already sure of keeps ``tau``, a class it rarely predicts confidently gets a lower bar, so rare
+    classes get pseudo-labels too. Without ``balance`` (or before any pixel was confident) every class has ``tau``.
+    """
+
+    def __init__(self, num_classes: int, tau: float, balance: bool, floor: float, momentum: float = 0.99) -> None:
+        self.tau, self.balance, self.floor, self.momentum = float(tau), bool(balance), float(floor), float(momentum)
+        self.sigma = np.zeros(num_classes, dtype=np.float64)  # (K,)
+
+    def thresholds(self) -> Tensor:
+        """``(K,)`` float32 thresholds."""
+        top = float(self.sigma.max())
+        if not self.balance or top <= 0:
+            return torch.full((self.sigma.size,), self.tau, dtype=torch.float32)
+        beta = self.sigma / top  # (K,) in [0, 1]
+        return torch.from_numpy(np.clip(self.tau * beta / (2.0 - beta), min(self.floor, self.tau), self.tau)).float()
+
+    def update(self, conf: Tensor, pred: Tensor) -> None:
+        """Count this batch's confident pixels per class (``conf``, ``pred``: ``(B, H, W)`` on any device)."""
+        sure = pred[conf >= self.tau]
+        counts = torch.bincount(sure.flatten().cpu(), minlength=self.sigma.size)[: self.sigma.size].numpy()  # (K,)
+        self.sigma = self.momentum * self.sigma + (1.0 - self.momentum) * counts
+
+
+def self_training_step(
+    ctx: StepContext,
+    batch: dict[str, Tensor],
+    ubatch: dict[str, Tensor] | None,
+    teacher: torch.nn.Module,
+    thresholds: PseudoThresholds,
+) -> tuple[Tensor, float | None]:
+    """FixMatch for segmentation: CE on the labelled crops (view 1) plus ``unlabelled_weight`` x the CE of the
+    network's prediction on the strong view of each unlabelled crop against the teacher's pseudo-labels of its weak
+    view, where they reach their class's threshold; summed over the kept pixels and divided by all the unlabelled
+    pixels (FixMatch's mean over the batch, so the term grows as the teacher grows sure). One forward pass with
+    gradients (labelled and strong crops together), one without (the teacher on the weak crops). Without
+    ``ubatch`` (the CE warm-up) only the labelled CE.
+
+    Args:
+        teacher: the network itself, or a moving average of it (in eval mode).
+
+    Returns:
+        The loss and the share of unlabelled pixels that became pseudo-labels (None without ``ubatch``).
+    """
+    if ubatch is None:
+        return finetune_step(ctx, batch), None
+    label = batch["label"]  # (Bl, c, c)
+    bl = label.shape[0]
+    with torch.no_grad():
+        with ctx.autocast:
+            t_logits = teacher(ctx.images(ubatch["weak"]))  # (Bu, K, c, c)
+        conf, pseudo = t_logits.float().softmax(1).max(1)  # (Bu, c, c)
+        keep = conf >= thresholds.thresholds().to(conf.device)[pseudo]
+        thresholds.update(conf, pseudo)
+        share = float(keep.float().mean())
+        pseudo = torch.where(keep, pseudo, torch.full_like(pseudo, IGNORE_INDEX))
+    x = ctx.images(batch["view1"], ubatch["strong"])  # (Bl + Bu, 3, c, c)
+    with ctx.autocast:
+        logits = ctx.model(x)  # (Bl + Bu, K, c, c)
+    ce = ctx.ce(logits[:bl], label.to(ctx.device, non_blocking=True))
+    unlabelled = F.cross_entropy(logits[bl:].float(), pseudo, ignore_index=IGNORE_INDEX, reduction="sum")
+    return ce + ctx.tc.unlabelled_weight * unlabelled / pseudo.numel(), share

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from labelsmart import imageio
 from labelsmart.config import Config, TrainConfig
-from labelsmart.training.data import LabelledSet, UnlabelledSet
+from labelsmart.training.data import LabelledSet, UnlabelledSet, WeakStrongSet
 from labelsmart.training.losses import class_weights
 from labelsmart.training.model import (
     CheckpointError,
@@ -40,10 +40,12 @@ from labelsmart.training.model import (
     save_checkpoint,
 )
 from labelsmart.training.objectives import (
+    PseudoThresholds,
     StepContext,
     contrastive_step,
     finetune_step,
     joint_step,
+    self_training_step,
     semi_step,
 )
 from labelsmart.training.validation import validate
@@ -364,6 +366,8 @@ class _Training:
     batch_size: int  # labelled crops per batch now
     batches: Iterator[dict[str, Tensor]]
     unlabelled: Iterator[dict[str, Tensor]] | None
+    teacher: torch.nn.Module | None = None  # self-training's teacher: the network, or its moving average
+    thresholds: PseudoThresholds | None = None  # self-training's per-class pseudo-label thresholds
     confident: list[float] = field(default_factory=list)  # share of unlabelled pixels made pseudo-labels, per step
     batch_cuts: int = 0  # times an out-of-memory step halved the batch
 
@@ -398,7 +402,16 @@ def _prepare(cfg: Config, data: RoundData, device: torch.device, init_checkpoint
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
     ctx = StepContext(model, tc, device, torch.Generator().manual_seed(tc.seed), memory_format, autocast, ce_weight)
-    return _Training(ctx, optimizer, loaders, batch_size, batches, unlabelled)
+    training = _Training(ctx, optimizer, loaders, batch_size, batches, unlabelled)
+    if tc.unlabelled_weight > 0:
+        training.thresholds = PseudoThresholds(
+            num_classes, tc.pseudo_threshold, tc.pseudo_class_balance, tc.pseudo_min_threshold
+        )
+        training.teacher = model
+        if tc.teacher_ema > 0:  # a mean teacher: the moving average of the weights and BatchNorm statistics
+            ema = torch.optim.swa_utils.get_ema_multi_avg_fn(tc.teacher_ema)
+            training.teacher = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=ema, use_buffers=True).eval()
+    return training
 
 
 def _round_metrics(data: RoundData, budget: Budget, training: _Training, val: dict[str, Any]) -> dict[str, Any]:
@@ -418,7 +431,7 @@ def _round_metrics(data: RoundData, budget: Budget, training: _Training, val: di
     ce_weight = training.ctx.ce_weight
     if ce_weight is not None:
         metrics["class_weights"] = [round(float(w), 4) for w in ce_weight.cpu()]
-    if training.ctx.tc.pseudo_weight > 0:
+    if training.ctx.tc.pseudo_weight > 0 or training.ctx.tc.unlabelled_weight > 0:
         metrics["pseudo_steps"] = len(training.confident)
         metrics["pseudo_confident_share"] = _tail_mean(training.confident)
     return metrics
@@ -426,17 +439,20 @@ def _round_metrics(data: RoundData, budget: Budget, training: _Training, val: di
 
 def _loaders(cfg: Config, data: RoundData, dataset: LabelledSet, cuda: bool) -> Loaders:
     """A function of the batch size that gives endless batches of labelled crops, and of unlabelled crops when the
-    semi-supervised objective is on (the unlabelled images are read once, here)."""
+    semi-supervised or the self-training objective is on (the unlabelled images are read once, here): as many as
+    the labelled ones for the first, half as many (at least two, for BatchNorm) for self-training."""
     tc = cfg.train
     workers = min(4, max(0, (os.cpu_count() or 1) - 1)) if cuda else 0
     pool: list[np.ndarray] = []
-    if tc.pseudo_weight > 0:
+    if tc.pseudo_weight > 0 or tc.unlabelled_weight > 0:
         pool = data.unlabelled() if data.unlabelled is not None else []
         if pool:
             log.info("semi-supervised: %d unlabelled images", len(pool))
         else:
             log.info("semi-supervised objective off: every image of the project is labelled")
-    unlabelled_set = UnlabelledSet(pool, cfg) if pool else None
+    unlabelled_set: UnlabelledSet | None = None
+    if pool:
+        unlabelled_set = WeakStrongSet(pool, cfg) if tc.unlabelled_weight > 0 else UnlabelledSet(pool, cfg)
 
     def endless(ds: torch.utils.data.Dataset, n: int, seed: int, batch_size: int) -> Iterator[dict[str, Tensor]]:
         sampler = EndlessSampler(n, seed)
@@ -446,7 +462,8 @@ def _loaders(cfg: Config, data: RoundData, dataset: LabelledSet, cuda: bool) -> 
         batches = endless(dataset, len(dataset), tc.seed, batch_size)
         if unlabelled_set is None:
             return batches, None
-        return batches, endless(unlabelled_set, len(pool), tc.seed + 1, batch_size)
+        unlabelled_batch = max(2, batch_size // 2) if tc.unlabelled_weight > 0 else batch_size  # BatchNorm: >= 2
+        return batches, endless(unlabelled_set, len(pool), tc.seed + 1, unlabelled_batch)
 
     return make
 
@@ -457,12 +474,15 @@ def _step(stage: str, training: _Training, budget: Budget) -> Tensor:
     batch = next(training.batches)
     if stage == PRETRAIN:
         return contrastive_step(ctx, batch)
-    if tc.pseudo_weight > 0:
+    if tc.pseudo_weight > 0 or tc.unlabelled_weight > 0:
         use_pseudo = training.unlabelled is not None and budget.done[FINETUNE] >= round(
             budget.planned[FINETUNE] * tc.pseudo_after
         )
         ubatch = next(training.unlabelled) if use_pseudo and training.unlabelled is not None else None
-        loss, share = semi_step(ctx, batch, ubatch)
+        if training.teacher is not None and training.thresholds is not None:
+            loss, share = self_training_step(ctx, batch, ubatch, training.teacher, training.thresholds)
+        else:
+            loss, share = semi_step(ctx, batch, ubatch)
         if share is not None:
             training.confident.append(share)
         return loss
@@ -535,6 +555,8 @@ def _train_stages(
                 training.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 training.optimizer.step()
+                if isinstance(training.teacher, torch.optim.swa_utils.AveragedModel):
+                    training.teacher.update_parameters(training.ctx.model)
         except RuntimeError as exc:
             if not is_out_of_memory(exc):
                 raise
@@ -595,6 +617,11 @@ def run_round(
     tc = cfg.train
     if tc.crop % 32:
         raise ValueError(f"train.crop is {tc.crop}; set it to a multiple of 32 (the network's stride).")
+    if tc.pseudo_weight > 0 and tc.unlabelled_weight > 0:
+        raise ValueError(
+            "train.pseudo_weight and train.unlabelled_weight are both set; pick one way to learn from unlabelled "
+            "images (set the other to 0)."
+        )
     if not data.classes:
         raise ValueError("the project has no classes; add classes before training.")
     if not data.train:

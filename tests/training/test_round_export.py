@@ -220,6 +220,30 @@ def test_semi_supervised_objective_takes_pseudo_labels_from_unlabelled_images_on
     assert none["pseudo_steps"] == 2 and none["pseudo_confident_share"] == 0.0 and np.isfinite(none["train_loss"])
 
 
+def test_self_training_round_learns_from_unlabelled_images_with_a_mean_teacher(project, tmp_path: Path) -> None:
+    torch.set_num_threads(1)
+    cfg, store = project
+    for i in (6, 7):
+        img, _ = synth_scene(i)
+        cv2.imwrite(str(Path(cfg.dataset) / f"u{i}.png"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+    store.sync_images()
+    args = {**_args(cfg), "train.pretrain_fraction": 0.0, "train.unlabelled_weight": 1.0, "train.pseudo_after": 0.5}
+
+    def run(extra: dict, name: str) -> dict:
+        result, checkpoint = train_round(config.load({**args, **extra}, env={}), store, 1, tmp_path / name, steps=4)
+        model, _ = load_checkpoint(checkpoint)  # the student is what a round saves and publishes
+        assert model(torch.rand(1, 3, 64, 64)).shape == (1, 3, 64, 64)
+        return result.metrics
+
+    every = run({"train.teacher_ema": 0.9, "train.pseudo_threshold": 0.0}, "mean-teacher")
+    assert every["pseudo_steps"] == 2 and every["finetune_steps"] == 4  # half the steps are the CE warm-up
+    assert every["pseudo_confident_share"] == pytest.approx(1.0) and np.isfinite(every["train_loss"])
+    none = run({"train.pseudo_threshold": 1.01, "train.pseudo_min_threshold": 1.01}, "none")
+    assert none["pseudo_steps"] == 2 and none["pseudo_confident_share"] == 0.0
+    with pytest.raises(ValueError, match="pick one way"):
+        run({"train.pseudo_weight": 0.5}, "both")
+
+
 def test_class_balanced_round_weighs_the_rare_class_up(project, tmp_path: Path) -> None:
     torch.set_num_threads(1)
     cfg, store = project
