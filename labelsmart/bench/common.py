@@ -1,14 +1,21 @@
-"""What every benchmark shares: the machine and commit a record was measured on, peak memory, and the fixed
-image order of ``../shared/BENCHMARK.md`` (the labelled subsets and the simulated annotator's sequence)."""
+"""What every benchmark shares: the machine and commit a record was measured on, peak memory, the fixed
+image order of ``../shared/BENCHMARK.md`` (the labelled subsets and the simulated annotator's sequence), and
+running one piece of a benchmark in its own spawned process."""
 
 from __future__ import annotations
 
 import datetime as dt
+import json
+import logging
+import multiprocessing as mp
 import os
 import platform
 import resource
 import subprocess
-from collections.abc import Sequence
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -67,3 +74,47 @@ def peak_rss_mb() -> float:
 def peak_rss_children_mb() -> float:
     """Peak resident memory of the largest finished child process (a loader worker, say), MiB."""
     return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0
+
+
+def exit_with_parent(poll_s: float = 2.0) -> None:
+    """End this (spawned) process when its parent is gone, so a killed benchmark leaves no training behind."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(poll_s)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
+def run_spawned(target: Callable[..., None], args: tuple[Any, ...], what: str, prefix: str) -> dict[str, Any]:
+    """Run ``target(*args, out, log_level)`` in a spawned process (its own memory peak; a crash ends that piece
+    only) and return the JSON object it wrote to the file ``out``.
+
+    Args:
+        what: the piece, for the error when the process ends without a result ("cell ...", "variant ...").
+        prefix: of the temporary folder holding ``out``.
+
+    Raises:
+        RuntimeError: the process ended without writing ``out`` (killed, perhaps out of memory).
+    """
+    ctx = mp.get_context("spawn")  # never fork a process that may hold CUDA or thread pools
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        out = Path(tmp) / "result.json"
+        level = logging.getLogger("labelsmart").getEffectiveLevel()
+        proc = ctx.Process(target=target, args=(*args, str(out), level))
+        proc.start()
+        try:
+            proc.join()
+        except BaseException:
+            proc.terminate()
+            proc.join(10)
+            raise
+        if not out.is_file():
+            raise RuntimeError(
+                f"{what} ended with exit code {proc.exitcode} and no result (killed, perhaps out of memory); "
+                "see the log above."
+            )
+        return json.loads(out.read_text())

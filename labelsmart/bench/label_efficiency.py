@@ -27,10 +27,8 @@ import io
 import json
 import logging
 import math
-import multiprocessing as mp
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -40,7 +38,14 @@ from typing import Any
 import numpy as np
 
 from labelsmart import imageio
-from labelsmart.bench.common import peak_rss_children_mb, peak_rss_mb, provenance, seeded_order
+from labelsmart.bench.common import (
+    exit_with_parent,
+    peak_rss_children_mb,
+    peak_rss_mb,
+    provenance,
+    run_spawned,
+    seeded_order,
+)
 from labelsmart.config import IGNORE_INDEX, Config, TrainConfig
 from labelsmart.datasets import DataFolder, evaluate
 
@@ -350,7 +355,7 @@ def _cell_child(spec_json: dict[str, Any], cell: tuple[str, int, str], splits: l
     )
     logging.getLogger("labelsmart").setLevel(level)
     logging.getLogger("labelsmart.store").setLevel(max(level, logging.WARNING))  # one line per saved label
-    _exit_with_parent()
+    exit_with_parent()
     try:
         records = run_cell(BenchSpec.from_json(spec_json), Cell(*cell), splits)
         payload: dict[str, Any] = {"records": records}
@@ -360,43 +365,14 @@ def _cell_child(spec_json: dict[str, Any], cell: tuple[str, int, str], splits: l
     imageio.atomic_write_bytes(Path(out), json.dumps(payload).encode())
 
 
-def _exit_with_parent(poll_s: float = 2.0) -> None:
-    """End this (spawned) process when its parent is gone, so a killed benchmark leaves no training behind."""
-    import threading
-
-    parent = os.getppid()
-
-    def watch() -> None:
-        while True:
-            time.sleep(poll_s)
-            if os.getppid() != parent:
-                os._exit(1)
-
-    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
-
-
 def _run_isolated(spec: BenchSpec, cell: Cell, splits: list[str]) -> list[dict[str, Any]]:
     """Run a cell in a spawned process (own memory peak; a crash ends the cell, not the run)."""
-    ctx = mp.get_context("spawn")  # never fork a process that may hold CUDA or thread pools
-    with tempfile.TemporaryDirectory(prefix="labeleff-cell-") as tmp:
-        out = Path(tmp) / "result.json"
-        level = logging.getLogger("labelsmart").getEffectiveLevel()
-        proc = ctx.Process(
-            target=_cell_child, args=(spec.to_json(), (cell.row, cell.n_labeled, cell.labels), splits, str(out), level)
-        )
-        proc.start()
-        try:
-            proc.join()
-        except BaseException:
-            proc.terminate()
-            proc.join(10)
-            raise
-        if not out.is_file():
-            raise RuntimeError(
-                f"cell {cell.key(spec)} ended with exit code {proc.exitcode} and no result "
-                "(killed, perhaps out of memory); see the log above."
-            )
-        payload = json.loads(out.read_text())
+    payload = run_spawned(
+        _cell_child,
+        (spec.to_json(), (cell.row, cell.n_labeled, cell.labels), splits),
+        f"cell {cell.key(spec)}",
+        "labeleff-cell-",
+    )
     if "error" in payload:
         raise (BenchError if payload.get("user") else RuntimeError)(payload["error"])
     return payload["records"]

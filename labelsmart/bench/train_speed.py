@@ -31,11 +31,9 @@ import dataclasses
 import json
 import logging
 import math
-import multiprocessing as mp
 import os
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -43,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from labelsmart import imageio
-from labelsmart.bench.common import peak_rss_mb, provenance
+from labelsmart.bench.common import exit_with_parent, peak_rss_mb, provenance, run_spawned
 from labelsmart.config import Config, ModelConfig, TrainConfig
 
 log = logging.getLogger(__name__)
@@ -436,13 +434,11 @@ def error_sentence(exc: BaseException) -> str:
 
 def _variant_child(spec_json: dict[str, Any], name: str, out: str, level: int) -> None:
     """Entry point of a spawned variant process: write its record (or its error) to ``out`` as JSON."""
-    from labelsmart.bench.label_efficiency import _exit_with_parent
-
     logging.basicConfig(
         level=logging.WARNING, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     logging.getLogger("labelsmart").setLevel(level)
-    _exit_with_parent()
+    exit_with_parent()
     try:
         payload: dict[str, Any] = {"record": run_variant(SpeedSpec.from_json(spec_json), name)}
     except Exception as exc:  # recorded by the parent, which goes on with the next variant
@@ -453,24 +449,7 @@ def _variant_child(spec_json: dict[str, Any], name: str, out: str, level: int) -
 
 def _run_isolated(spec: SpeedSpec, name: str) -> dict[str, Any]:
     """Run a variant in a spawned process; returns its record, or raises RuntimeError with its error."""
-    ctx = mp.get_context("spawn")  # never fork a process that may hold CUDA or thread pools
-    with tempfile.TemporaryDirectory(prefix="train-speed-") as tmp:
-        out = Path(tmp) / "result.json"
-        level = logging.getLogger("labelsmart").getEffectiveLevel()
-        proc = ctx.Process(target=_variant_child, args=(spec.to_json(), name, str(out), level))
-        proc.start()
-        try:
-            proc.join()
-        except BaseException:
-            proc.terminate()
-            proc.join(10)
-            raise
-        if not out.is_file():
-            raise RuntimeError(
-                f"the variant's process ended with exit code {proc.exitcode} and no result (killed, perhaps out "
-                "of memory)."
-            )
-        payload = json.loads(out.read_text())
+    payload = run_spawned(_variant_child, (spec.to_json(), name), f"variant {name}", "train-speed-")
     if "error" in payload:
         raise RuntimeError(payload["error"])
     return payload["record"]
