@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 PRETRAIN, FINETUNE, VALIDATE = "pretraining", "fine-tuning", "validating"
 PROGRESS_EVERY_S = 0.5
 FT_COST_GUESS = 0.5  # fine-tuning step time / pretraining step time, until measured
+GROW_BELOW = 0.9  # a capped round's plan grows back when it needs less than this share of the time left
 LOSS_WINDOW = 20  # reported losses are means over the last steps of a stage
 
 T = TypeVar("T")
@@ -228,7 +229,9 @@ def _tail_mean(values: list[float]) -> float | None:
 
 
 class Budget:
-    """The steps of the two stages, shrunk to fit a wall-clock cap as step times are measured.
+    """The steps of the two stages, fitted to a wall-clock cap as step times are measured: shrunk when the steps
+    left would overrun it, grown back (up to the steps asked for) when a slow stretch has passed and the pace
+    leaves time for more, so one slow minute does not shorten the round for good.
 
     Args:
         total: optimisation steps of the round (both stages).
@@ -243,6 +246,7 @@ class Budget:
             raise ValueError(f"a round needs at least one step, got {total}.")
         pre = min(round(total * pretrain_fraction), total - 1)
         self.planned = {PRETRAIN: pre, FINETUNE: total - pre}
+        self.asked = dict(self.planned)  # the most each stage may grow back to
         self.done = {PRETRAIN: 0, FINETUNE: 0}
         self.step_times: dict[str, list[float]] = {PRETRAIN: [], FINETUNE: []}
         self.losses: dict[str, list[float]] = {PRETRAIN: [], FINETUNE: []}
@@ -285,7 +289,9 @@ class Budget:
         self._fit(stage)
 
     def _fit(self, stage: str) -> None:
-        """Shrink the unfinished parts of both stages so the round ends before the deadline."""
+        """Shrink the unfinished parts of both stages so the round ends before the deadline; when the plan needs
+        less than ``GROW_BELOW`` of the time left, give fine-tuning back steps (never past what was asked), filling
+        up to that share (the band between it and 1 keeps the plan from flapping)."""
         if math.isinf(self.deadline):
             return
         validation = self.val_share * self.step_time(FINETUNE) / 3.0
@@ -302,6 +308,11 @@ class Budget:
             for s in (PRETRAIN, FINETUNE):
                 self.planned[s] = self.done[s] + math.floor((self.planned[s] - self.done[s]) * f)
             self.planned[FINETUNE] = max(self.planned[FINETUNE], 1)
+        elif need < GROW_BELOW * left and self.planned[FINETUNE] < self.asked[FINETUNE]:
+            per_step = self.step_time(FINETUNE)
+            if per_step > 0:
+                more = math.floor((GROW_BELOW * left - need) / per_step)
+                self.planned[FINETUNE] = min(self.asked[FINETUNE], self.planned[FINETUNE] + more)
 
     def log_stage(self, stage: str, seconds: float) -> None:
         """One log line about a finished stage."""

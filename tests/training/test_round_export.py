@@ -19,7 +19,7 @@ from labelsmart.training.data import LabelledSet
 from labelsmart.training.export import ExportError, export_onnx
 from labelsmart.training.losses import class_weights
 from labelsmart.training.model import load_checkpoint
-from labelsmart.training.round import RoundCancelled, RoundResult, run_round, split_validation
+from labelsmart.training.round import FINETUNE, Budget, RoundCancelled, RoundResult, run_round, split_validation
 from labelsmart.training.trainer import load_snapshot, round_data, unlabelled_images
 
 
@@ -289,3 +289,26 @@ def test_a_loss_that_becomes_nan_fails_the_round_and_publishes_nothing(tiny_cfg,
     assert rows[2].status == "failed" and "became nan" in rows[2].error
     assert store.latest_published().version == first.version == 1
     assert not list(first.folder.parent.glob(".*.tmp"))
+
+
+def test_a_capped_plan_shrinks_for_a_slow_stretch_and_grows_back_after_it() -> None:
+    budget = Budget(1000, 0.0, 100.0, 0.0, time.monotonic())
+    for _ in range(5):  # 1 s a step: 1000 steps would take 1000 s of a 100 s cap
+        budget.record(FINETUNE, 1.0, 1.0)
+    shrunk = budget.planned[FINETUNE]
+    assert 5 < shrunk < 100  # fits about 95 s at 1 s a step
+    for _ in range(40):  # then 0.01 s a step: the recent median says there is time for all of them again
+        budget.record(FINETUNE, 1.0, 0.01)
+    assert budget.planned[FINETUNE] == 1000  # back to what was asked, never more
+    budget.record(FINETUNE, 1.0, 0.01)
+    assert budget.planned[FINETUNE] == 1000
+    for _ in range(40):  # slow again: shrinks again
+        budget.record(FINETUNE, 1.0, 1.0)
+    assert budget.planned[FINETUNE] < 200
+
+
+def test_an_uncapped_plan_keeps_its_steps() -> None:
+    budget = Budget(50, 0.0, 0.0, 0.0, time.monotonic())
+    for _ in range(10):
+        budget.record(FINETUNE, 1.0, 5.0)
+    assert budget.planned[FINETUNE] == 50
