@@ -203,12 +203,10 @@ def check_spec(spec: SpeedSpec) -> None:
 
 
 def resolve_device(name: str) -> str:
-    """``auto`` -> cuda when PyTorch sees a GPU, else cpu."""
-    if name != "auto":
-        return name
-    import torch
+    """``auto`` -> cuda when PyTorch sees a GPU, else cpu: the trainer's own rule, as a name."""
+    from labelsmart.training.round import resolve_device as trainer_device
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return str(trainer_device(name))
 
 
 # ------------------------------------------------------------------------------------------------ the step
