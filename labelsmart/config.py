@@ -94,6 +94,9 @@ class TrainConfig:
     pseudo_class_balance: bool = True
     pseudo_min_threshold: float = 0.5
     device: str = "auto"  # auto | cpu | cuda
+    # On CUDA, augment the labelled crops on the GPU (training.device_data) rather than in CPU loader workers, which
+    # left a GPU round input-bound; the CPU keeps the loader (there the torch path is the slower one)
+    device_augment: bool = True
     threads: int = 0  # torch CPU threads (0 = all cores)
     seed: int = 0
     val_min_images: int = 10  # hold out images for validation only once this many are labelled

@@ -230,34 +230,23 @@ def random_batch(batch_size: int, crop: int, num_classes: int, seed: int, pin: b
 
 
 def build_step(cfg: Config, num_classes: int, device_name: str, channels_last: bool) -> tuple[Any, Any]:
-    """The network, optimiser and step context as ``_prepare`` in round.py builds them (fresh random weights).
-
-    The memory format is the variant's (``_prepare`` picks channels_last on CUDA, contiguous on the CPU); the
-    class weights are ones when the configuration balances classes (the weighted cross-entropy's arithmetic, without
+    """The network, optimiser and step context as rounds build them (``network_and_optimiser``, fresh random
+    weights), in the variant's memory format (rounds pick channels-last on CUDA, contiguous on the CPU); the class
+    weights are ones when the configuration balances classes (the weighted cross-entropy's arithmetic, without
     counting labels).
 
     Returns:
         ``(StepContext, AdamW optimiser)``.
     """
-    import contextlib
-
     import torch
 
-    from labelsmart.training.model import build_model
-    from labelsmart.training.objectives import StepContext
+    from labelsmart.training.round import network_and_optimiser
 
-    tc = cfg.train
     device = torch.device(device_name)
-    cuda = device.type == "cuda"
-    torch.manual_seed(tc.seed)
+    torch.manual_seed(cfg.train.seed)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    model = build_model(cfg.model, num_classes)
-    model.to(device, memory_format=memory_format).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
-    ce_weight = torch.ones(num_classes, device=device) if tc.class_balance > 0 else None
-    ctx = StepContext(model, tc, device, torch.Generator().manual_seed(tc.seed), memory_format, autocast, ce_weight)
-    return ctx, optimizer
+    ce_weight = torch.ones(num_classes, device=device) if cfg.train.class_balance > 0 else None
+    return network_and_optimiser(cfg, num_classes, device, memory_format=memory_format, ce_weight=ce_weight)
 
 
 def train_step(ctx: Any, optimizer: Any, batch: dict[str, Any]) -> float:

@@ -24,6 +24,11 @@ log = logging.getLogger(__name__)
 
 SCALE_RANGE = (0.75, 1.5)
 CROP_TRIES = 5  # random crops tried before centring one on a labelled pixel
+# The photometric view (:func:`photometric`; the device path, :mod:`labelsmart.training.device_data`, draws the same)
+JITTER_P, GREY_P, BLUR_P = 0.8, 0.2, 0.5  # chance of colour jitter, of grey, of blur
+JITTER = (0.6, 1.4)  # brightness, contrast and saturation factors
+HUE = (-0.1, 0.1)  # hue shift, share of the colour circle
+BLUR_SIGMA = (0.1, 2.0)
 
 
 # ------------------------------------------------------------------------------------------ augmentation
@@ -82,27 +87,27 @@ def photometric(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         RGB uint8 ``(H, W, 3)``.
     """
     x = image.astype(np.float32)  # (H, W, 3) in 0..255
-    if rng.random() < 0.8:
+    if rng.random() < JITTER_P:
         for op in rng.permutation(4):
             if op == 0:  # brightness
-                x *= rng.uniform(0.6, 1.4)
+                x *= rng.uniform(*JITTER)
             elif op == 1:  # contrast
                 grey = x.mean()
-                x = (x - grey) * rng.uniform(0.6, 1.4) + grey
+                x = (x - grey) * rng.uniform(*JITTER) + grey
             elif op == 2:  # saturation
                 grey = x @ np.array([0.299, 0.587, 0.114], dtype=np.float32)  # (H, W)
-                x = (x - grey[..., None]) * rng.uniform(0.6, 1.4) + grey[..., None]
+                x = (x - grey[..., None]) * rng.uniform(*JITTER) + grey[..., None]
             else:  # hue
                 hsv = cv2.cvtColor(np.clip(x, 0, 255).astype(np.uint8), cv2.COLOR_RGB2HSV)  # H in 0..179
-                shift = int(round(rng.uniform(-0.1, 0.1) * 180))
+                shift = int(round(rng.uniform(*HUE) * 180))
                 hsv[..., 0] = ((hsv[..., 0].astype(np.int16) + shift) % 180).astype(np.uint8)
                 x = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB).astype(np.float32)
             x = np.clip(x, 0, 255)
-    if rng.random() < 0.2:
+    if rng.random() < GREY_P:
         grey = x @ np.array([0.299, 0.587, 0.114], dtype=np.float32)  # (H, W)
         x = np.repeat(grey[..., None], 3, axis=2)
-    if rng.random() < 0.5:
-        x = cv2.GaussianBlur(x, (0, 0), sigmaX=rng.uniform(0.1, 2.0))
+    if rng.random() < BLUR_P:
+        x = cv2.GaussianBlur(x, (0, 0), sigmaX=rng.uniform(*BLUR_SIGMA))
     return np.clip(x + 0.5, 0, 255).astype(np.uint8)
 
 

@@ -39,15 +39,9 @@ from torch import Tensor
 from torchvision.transforms.v2 import functional as TF
 
 from labelsmart.config import IGNORE_INDEX, Config
-from labelsmart.training.data import CROP_TRIES, SCALE_RANGE
+from labelsmart.training.data import BLUR_P, BLUR_SIGMA, CROP_TRIES, GREY_P, HUE, JITTER, JITTER_P, SCALE_RANGE
 
 log = logging.getLogger(__name__)
-
-# The photometric view of data.photometric.
-JITTER_P, GREY_P, BLUR_P = 0.8, 0.2, 0.5
-JITTER = (0.6, 1.4)  # brightness, contrast and saturation factors
-HUE = (-0.1, 0.1)  # hue shift, share of the colour circle
-BLUR_SIGMA = (0.1, 2.0)
 
 Op = tuple[Callable[..., Tensor], tuple]  # a photometric op and its arguments after the image
 

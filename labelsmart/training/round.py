@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Sampler
 from labelsmart import imageio
 from labelsmart.config import Config, TrainConfig
 from labelsmart.training.data import LabelledSet, UnlabelledSet, WeakStrongSet
+from labelsmart.training.device_data import DeviceBatches
 from labelsmart.training.losses import class_weights
 from labelsmart.training.model import (
     CheckpointError,
@@ -389,23 +390,22 @@ class _Training:
         self.batches, self.unlabelled = self.loaders(batch_size)
 
 
-def _prepare(cfg: Config, data: RoundData, device: torch.device, init_checkpoint: Path | None) -> _Training:
-    """The data loaders, class weights, network (warm-started if it fits), optimiser and step context.
-
-    The loaders come before the network: they draw their seeds from torch's generator first.
-    """
+def network_and_optimiser(
+    cfg: Config,
+    num_classes: int,
+    device: torch.device,
+    init_checkpoint: Path | None = None,
+    memory_format: torch.memory_format | None = None,
+    ce_weight: Tensor | None = None,
+) -> tuple[StepContext, torch.optim.Optimizer]:
+    """The network (warm-started from ``init_checkpoint`` if it exists and fits) on the device in train mode, its
+    AdamW optimiser, and the step context every objective takes (bf16 autocast on CUDA; channels-last on CUDA
+    unless ``memory_format`` says otherwise). Rounds, self-supervised pretraining and ``bench train-speed`` all
+    start here."""
     tc = cfg.train
     cuda = device.type == "cuda"
-    num_classes = len(data.classes)
-    dataset = LabelledSet(data.train, cfg)
-    loaders = _loaders(cfg, data, dataset, cuda)
-    batch_size = crops_per_batch(tc)
-    batches, unlabelled = loaders(batch_size)
-    ce_weight: Tensor | None = None
-    if tc.class_balance > 0:
-        ce_weight = torch.from_numpy(class_weights(dataset.class_counts(num_classes), tc.class_balance)).to(device)
-        log.info("class-balanced cross-entropy: weights %s", [round(float(w), 2) for w in ce_weight.cpu()])
-    memory_format = torch.channels_last if cuda else torch.contiguous_format
+    if memory_format is None:
+        memory_format = torch.channels_last if cuda else torch.contiguous_format
     model = build_model(cfg.model, num_classes)
     if init_checkpoint is not None and Path(init_checkpoint).is_file():
         warm_start(model, Path(init_checkpoint))
@@ -413,6 +413,26 @@ def _prepare(cfg: Config, data: RoundData, device: torch.device, init_checkpoint
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
     ctx = StepContext(model, tc, device, torch.Generator().manual_seed(tc.seed), memory_format, autocast, ce_weight)
+    return ctx, optimizer
+
+
+def _prepare(cfg: Config, data: RoundData, device: torch.device, init_checkpoint: Path | None) -> _Training:
+    """The data loaders, class weights, network (warm-started if it fits), optimiser and step context.
+
+    The loaders come before the network: they draw their seeds from torch's generator first.
+    """
+    tc = cfg.train
+    num_classes = len(data.classes)
+    dataset = LabelledSet(data.train, cfg)
+    loaders = _loaders(cfg, data, dataset, device)
+    batch_size = crops_per_batch(tc)
+    batches, unlabelled = loaders(batch_size)
+    ce_weight: Tensor | None = None
+    if tc.class_balance > 0:
+        ce_weight = torch.from_numpy(class_weights(dataset.class_counts(num_classes), tc.class_balance)).to(device)
+        log.info("class-balanced cross-entropy: weights %s", [round(float(w), 2) for w in ce_weight.cpu()])
+    ctx, optimizer = network_and_optimiser(cfg, num_classes, device, init_checkpoint, ce_weight=ce_weight)
+    model = ctx.model
     training = _Training(ctx, optimizer, loaders, batch_size, batches, unlabelled)
     if tc.unlabelled_weight > 0:
         training.thresholds = PseudoThresholds(
@@ -448,11 +468,15 @@ def _round_metrics(data: RoundData, budget: Budget, training: _Training, val: di
     return metrics
 
 
-def _loaders(cfg: Config, data: RoundData, dataset: LabelledSet, cuda: bool) -> Loaders:
+def _loaders(cfg: Config, data: RoundData, dataset: LabelledSet, device: torch.device) -> Loaders:
     """A function of the batch size that gives endless batches of labelled crops, and of unlabelled crops when the
     semi-supervised or the self-training objective is on (the unlabelled images are read once, here): as many as
-    the labelled ones for the first, half as many (at least two, for BatchNorm) for self-training."""
+    the labelled ones for the first, half as many (at least two, for BatchNorm) for self-training. On CUDA with
+    ``train.device_augment`` the labelled crops are made on the GPU (:class:`DeviceBatches`, the images uploaded
+    once); otherwise, and for the unlabelled crops, by DataLoaders (with workers on CUDA)."""
     tc = cfg.train
+    cuda = device.type == "cuda"
+    on_device = DeviceBatches(dataset.items, cfg, device) if cuda and tc.device_augment else None
     workers = min(4, max(0, (os.cpu_count() or 1) - 1)) if cuda else 0
     pool: list[np.ndarray] = []
     if tc.pseudo_weight > 0 or tc.unlabelled_weight > 0:
@@ -470,7 +494,11 @@ def _loaders(cfg: Config, data: RoundData, dataset: LabelledSet, cuda: bool) -> 
         return iter(DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=workers, pin_memory=cuda))
 
     def make(batch_size: int) -> tuple[Iterator[dict[str, Tensor]], Iterator[dict[str, Tensor]] | None]:
-        batches = endless(dataset, len(dataset), tc.seed, batch_size)
+        batches = (
+            on_device.batches(batch_size)
+            if on_device is not None
+            else endless(dataset, len(dataset), tc.seed, batch_size)
+        )
         if unlabelled_set is None:
             return batches, None
         unlabelled_batch = max(2, batch_size // 2) if tc.unlabelled_weight > 0 else batch_size  # BatchNorm: >= 2

@@ -168,3 +168,29 @@ def test_cuda_batches_match_cpu_batches() -> None:
     assert torch.equal(cpu["label"], gpu["label"].cpu())
     for key in ("view1", "view2"):
         assert torch.allclose(cpu[key], gpu[key].cpu(), atol=0.05), key
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_cuda_round_takes_its_labelled_crops_from_device_batches(monkeypatch: pytest.MonkeyPatch) -> None:
+    from labelsmart.training import round as training_round
+
+    made: list[int] = []
+    real = DeviceBatches.batch
+
+    def spy(self: DeviceBatches, batch_size: int) -> dict[str, torch.Tensor]:
+        made.append(batch_size)
+        return real(self, batch_size)
+
+    monkeypatch.setattr(DeviceBatches, "batch", spy)
+    classes = [{"id": k, "name": f"c{k}", "color": COLOURS[k].tolist()} for k in range(4)]
+    data = training_round.RoundData(train=[_blocks(96, 128, 0), _blocks(96, 128, 1)], classes=classes)
+    cfg = config.load({"preprocess.max_side": 128, "train.crop": 64, "train.device": "cuda"}, env={})
+    result = training_round.run_round(cfg, data, 1, steps=3)
+    assert result.steps == 3 and result.device == "cuda" and len(made) >= 3
+    off = config.load(
+        {"preprocess.max_side": 128, "train.crop": 64, "train.device": "cuda", "train.device_augment": False}, env={}
+    )
+    made.clear()
+    training_round.run_round(off, data, 1, steps=2)
+    assert made == []  # the loader path, as on the CPU
