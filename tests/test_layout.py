@@ -37,7 +37,7 @@ ALLOWED = {
 }
 TORCH = {"torch", "torchvision", "segmentation_models_pytorch", "timm"}
 # The training round and what it is built of take labelled images, not the store.
-STORE_FREE = ["round", "objectives", "validation", "data", "losses", "model", "export"]
+STORE_FREE = ["round", "objectives", "validation", "data", "device_data", "losses", "model", "export", "pretrain"]
 
 
 def _part(path: Path) -> str:

@@ -178,6 +178,8 @@ def cmd_bench_label_efficiency(args: argparse.Namespace) -> int:
         overrides=overrides,
         variant=args.variant or "",
         isolate=not args.in_process,
+        ssl_steps=args.ssl_steps,
+        ssl_minutes=args.ssl_minutes,
     )
     try:
         records = labeleff.run_benchmark(spec)
@@ -355,6 +357,13 @@ def register(sub: SubParsers) -> None:
         "--set", action="append", metavar="KEY=VALUE", help="change a train.*/model.*/preprocess.* setting (repeatable)"
     )
     le.add_argument("--variant", help="name for the --set changes in results and tables")
+    le.add_argument(
+        "--ssl-steps",
+        dest="ssl_steps",
+        type=int,
+        help="pretrain first, this many steps, by dense self-supervised contrast on all pool-split images (once a run)",
+    )
+    le.add_argument("--ssl-minutes", dest="ssl_minutes", type=float, help="the same pretraining, bounded in minutes")
     le.add_argument("--in-process", dest="in_process", action="store_true", help="run cells in this process")
     le.add_argument("--out", required=True, help="output folder: results.jsonl, table.md, plot (resumable)")
     le.set_defaults(func=cmd_bench_label_efficiency)

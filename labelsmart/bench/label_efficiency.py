@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import hashlib
 import io
 import json
 import logging
@@ -110,15 +111,29 @@ class BenchSpec:
     overrides: dict[str, Any] = field(default_factory=dict)  # "train.x" -> value, for the net rows (ablations)
     variant: str = ""  # name of the overrides in results and tables
     isolate: bool = True  # each cell in its own spawned process
+    # dense self-supervised pretraining on every pool-split image before the net cells (None = none), run once and
+    # shared by the run's cells: its steps and / or minutes
+    ssl_steps: int | None = None
+    ssl_minutes: float | None = None
+
+    @property
+    def ssl(self) -> bool:
+        """Whether the net cells start from self-supervised pretraining."""
+        return self.ssl_steps is not None or self.ssl_minutes is not None
 
     def budget(self) -> str:
-        """The budget as a short label, such as ``300 steps`` or ``5 min``."""
+        """The budget as a short label, such as ``300 steps``, ``5 min`` or ``10 min + ssl 10 min``."""
         parts = []
         if self.steps is not None:
             parts.append(f"{self.steps} steps")
         if self.minutes is not None:
             parts.append(f"{self.minutes:g} min")
-        return " / ".join(parts) or "default steps"
+        label = " / ".join(parts) or "default steps"
+        if self.ssl:
+            ssl = [f"{self.ssl_steps} steps"] if self.ssl_steps is not None else []
+            ssl += [f"{self.ssl_minutes:g} min"] if self.ssl_minutes is not None else []
+            label += " + ssl " + " / ".join(ssl)
+        return label
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict (paths as strings) that :meth:`from_json` reads back."""
@@ -223,11 +238,8 @@ def _run_net(
         drawn = training_round.sample_unlabelled(rest, cfg.train.unlabelled_images, cfg.train.seed)
         return [pool.read_image(n) for n in sorted(drawn, key=position.__getitem__)]
 
-    classes = [
-        {"id": k, "name": n, "color": list(c)} for k, (n, c) in enumerate(zip(pool.classes, pool.colors, strict=True))
-    ]
     data = training_round.RoundData(
-        train=[(pool.read_image(n), m) for n, m in labelled], classes=classes, unlabelled=unlabelled
+        train=[(pool.read_image(n), m) for n, m in labelled], classes=_classes(pool), unlabelled=unlabelled
     )
     steps = spec.steps if spec.steps is not None else (MINUTES_STEPS if spec.minutes is not None else cfg.train.steps)
     bar = tqdm(desc=f"  {cell.key(spec)}", unit="step", file=sys.stderr, dynamic_ncols=True, leave=False, mininterval=1)
@@ -239,7 +251,10 @@ def _run_net(
         bar.refresh()
 
     try:
-        result = training_round.run_round(cfg, data, 1, steps=steps, progress=progress)
+        init = ssl_checkpoint_path(spec) if spec.ssl else None
+        if init is not None and not init.is_file():
+            raise BenchError(f"{init}: the self-supervised checkpoint is missing; run the benchmark again to make it.")
+        result = training_round.run_round(cfg, data, 1, init_checkpoint=init, steps=steps, progress=progress)
     finally:
         bar.close()
     device = training_round.resolve_device(cfg.train.device)
@@ -266,7 +281,102 @@ def _run_net(
         "model_config": dataclasses.asdict(cfg.model),
         "max_side": cfg.preprocess.max_side,
     }
+    if spec.ssl:
+        from labelsmart.training.model import read_checkpoint
+
+        facts["ssl"] = read_checkpoint(ssl_checkpoint_path(spec))["metrics"].get("ssl")
     return predict, facts
+
+
+def _classes(pool: DataFolder) -> list[dict[str, Any]]:
+    colours = zip(pool.classes, pool.colors, strict=True)
+    return [{"id": k, "name": n, "color": list(c)} for k, (n, c) in enumerate(colours)]
+
+
+# ------------------------------------------------------------------------------ self-supervised pretraining
+
+
+def ssl_checkpoint_path(spec: BenchSpec) -> Path:
+    """Where a run's self-supervised pretraining is kept: one file per pool split, budget and training setting, so
+    it is paid for once and shared by every net cell (as a project pays for it once, before the first label)."""
+    cfg = _net_config(spec, "labelsmart")
+    key = {
+        "pool": _folder_key(spec.pool),
+        "pool_split": spec.pool_split,
+        "steps": spec.ssl_steps,
+        "minutes": spec.ssl_minutes,
+        "seed": spec.seed,
+        "device": spec.device,
+        "threads": spec.threads,
+        "model": dataclasses.asdict(cfg.model),
+        "max_side": cfg.preprocess.max_side,
+        "crop": cfg.train.crop,
+        "batch_size": cfg.train.batch_size,
+        "lr": cfg.train.lr,
+    }
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    return spec.out / f"ssl-{digest}.pt"
+
+
+def run_ssl(spec: BenchSpec) -> Path:
+    """Pretrain a network by dense self-supervised contrast on every image of the pool split (no labels) and save
+    it where :func:`ssl_checkpoint_path` says; a file already there is kept. Returns the path."""
+    from tqdm import tqdm
+
+    from labelsmart.training import pretrain
+    from labelsmart.training.model import save_checkpoint
+
+    path = ssl_checkpoint_path(spec)
+    if path.is_file():
+        log.info("self-supervised pretraining: %s from an earlier run, reused", path)
+        return path
+    cfg = _net_config(spec, "labelsmart")
+    pool = DataFolder.open(spec.pool, "--pool")
+    images = [pool.read_image(n) for n in pool.names(spec.pool_split)]
+    steps = spec.ssl_steps if spec.ssl_steps is not None else MINUTES_STEPS
+    bar = tqdm(desc="  ssl", unit="step", file=sys.stderr, dynamic_ncols=True, leave=False, mininterval=1)
+
+    def progress(step: int, total: int, loss: float) -> None:
+        bar.n = step
+        bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+        bar.refresh()
+
+    try:
+        model, facts = pretrain.pretrain(
+            cfg, images, len(pool.classes), steps, 60.0 * (spec.ssl_minutes or 0.0), progress=progress
+        )
+    finally:
+        bar.close()
+    facts = {**facts, "peak_rss_mb": round(peak_rss_mb(), 1), "pool_split": spec.pool_split}
+    save_checkpoint(path, model, cfg, _classes(pool), 0, facts["steps"], {"ssl": facts})
+    return path
+
+
+def _ssl_child(spec_json: dict[str, Any], out: str, level: int) -> None:
+    """Entry point of the spawned pretraining process: write ``{"path"}`` (or the error) to ``out`` as JSON."""
+    logging.basicConfig(
+        level=logging.WARNING, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    logging.getLogger("labelsmart").setLevel(level)
+    exit_with_parent()
+    try:
+        payload: dict[str, Any] = {"path": str(run_ssl(BenchSpec.from_json(spec_json)))}
+    except Exception as exc:
+        log.debug("self-supervised pretraining failed", exc_info=True)
+        payload = {"error": f"{type(exc).__name__}: {' '.join(str(exc).split())}", "user": isinstance(exc, ValueError)}
+    imageio.atomic_write_bytes(Path(out), json.dumps(payload).encode())
+
+
+def _ssl_before_cells(spec: BenchSpec) -> None:
+    """Make the self-supervised checkpoint the net cells start from (in a spawned process when cells are)."""
+    if not spec.ssl or not any(r in NET_ROWS for r in spec.rows) or ssl_checkpoint_path(spec).is_file():
+        return
+    if not spec.isolate:
+        run_ssl(spec)
+        return
+    payload = run_spawned(_ssl_child, (spec.to_json(),), "self-supervised pretraining", "labeleff-ssl-")
+    if "error" in payload:
+        raise (BenchError if payload.get("user") else RuntimeError)(payload["error"])
 
 
 def _run_rf(
@@ -433,6 +543,10 @@ def check_spec(spec: BenchSpec) -> None:
         raise BenchError(f"--steps {spec.steps}: give 1 or more.")
     if spec.minutes is not None and not (spec.minutes > 0 and math.isfinite(spec.minutes)):
         raise BenchError(f"--minutes {spec.minutes}: give a positive number of minutes.")
+    if spec.ssl_steps is not None and spec.ssl_steps < 1:
+        raise BenchError(f"--ssl-steps {spec.ssl_steps}: give 1 or more.")
+    if spec.ssl_minutes is not None and not (spec.ssl_minutes > 0 and math.isfinite(spec.ssl_minutes)):
+        raise BenchError(f"--ssl-minutes {spec.ssl_minutes}: give a positive number of minutes.")
     for key in spec.overrides:
         if not key.startswith(("train.", "model.", "preprocess.")):
             raise BenchError(f"--set {key}: only train.*, model.* and preprocess.* settings can be changed.")
@@ -495,6 +609,8 @@ def run_benchmark(spec: BenchSpec) -> list[dict[str, Any]]:
     failed: list[str] = []
     bar = tqdm(total=len(cells), desc="label-efficiency", unit="cell", file=sys.stderr, dynamic_ncols=True)
     try:
+        if any(not {(c.key(spec), eval_key, s) for s in spec.eval_splits} <= done for c in cells if c.row in NET_ROWS):
+            _ssl_before_cells(spec)  # once, before the net cells that start from it
         for cell in cells:
             key = cell.key(spec)
             todo = [s for s in spec.eval_splits if (key, eval_key, s) not in done]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -184,3 +185,44 @@ def test_rf_joins_the_net_budgets_of_its_own_splits_only():
     assert sorted(groups) == [("val", "train", "300 steps"), ("val", "train", "900 steps"), ("val", "train_b", "rf")]
     assert [r["row"] for r in groups[("val", "train", "900 steps")]] == ["ce-only", "rf"]
     assert [r["pool_split"] for r in groups[("val", "train_b", "rf")]] == ["train_b"]
+
+
+def test_self_supervised_pretraining_runs_once_and_every_net_cell_starts_from_it(
+    data: Path, tmp_path: Path, monkeypatch
+):
+    from labelsmart.training import pretrain
+    from labelsmart.training import round as training_round
+
+    pretrained: list[int] = []
+    real_pretrain = pretrain.pretrain
+
+    def spy_pretrain(cfg, images, num_classes, steps, *args, **kw):
+        pretrained.append(len(images))
+        return real_pretrain(cfg, images, num_classes, steps, *args, **kw)
+
+    starts: list[Path | None] = []
+    real_round = training_round.run_round
+
+    def spy_round(cfg, data, version, **kw):
+        starts.append(kw.get("init_checkpoint"))
+        return real_round(cfg, data, version, **kw)
+
+    monkeypatch.setattr(pretrain, "pretrain", spy_pretrain)
+    monkeypatch.setattr(training_round, "run_round", spy_round)
+    out = tmp_path / "out"
+    spec = _spec(
+        data, out, rows=("labelsmart", "ce-only"), labels=("scribble",), steps=2, ssl_steps=2, overrides=NET_SETTINGS
+    )
+    records = labeleff.run_benchmark(spec)
+    assert pretrained == [4]  # once, on every image of the pool split (labelled or not)
+    path = labeleff.ssl_checkpoint_path(spec)
+    assert starts == [path, path] and path.is_file()
+    assert all(r["ssl"]["steps"] == 2 and r["budget"] == "2 steps + ssl 2 steps" for r in records)
+    assert "ssl2steps" in records[0]["cell"]
+    # Another budget of fine-tuning reuses the pretraining; without ssl the cells are other cells, from scratch.
+    labeleff.run_benchmark(dataclasses.replace(spec, steps=3))
+    assert pretrained == [4] and len(starts) == 4
+    labeleff.run_benchmark(dataclasses.replace(spec, ssl_steps=None))
+    assert starts[-2:] == [None, None]
+    with pytest.raises(labeleff.BenchError, match="--ssl-steps 0"):
+        labeleff.run_benchmark(dataclasses.replace(spec, ssl_steps=0))
