@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import http.cookiejar
 import json
+import math
 import os
 import re
 import socket
 import sqlite3
 import subprocess
+import time
 import urllib.parse
 import urllib.request
 import uuid
@@ -24,6 +26,7 @@ from PIL import Image
 from test_session import launch_app, stop_app, wait_for
 
 from labelsmart import config
+from labelsmart.app.ml_backend import ACCESS_TTL_S
 from labelsmart.formats import ExportOptions, export_labels, import_labels
 from labelsmart.formats import labelstudio as ls
 from labelsmart.project import open_project
@@ -56,7 +59,9 @@ class LabelStudio:
         cmd += ["--host", self.url, "--data-dir", str(tmp / "ls-data"), "--username", USER, "--password", PASSWORD]
         self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT, cwd=tmp)
         self.tmp = tmp
+        self.token = ""
         self.access: str | None = None
+        self.access_at = -math.inf
 
     def wait_ready(self, timeout: float = 300) -> None:
         def up() -> bool:
@@ -82,11 +87,19 @@ class LabelStudio:
         req = urllib.request.Request(
             self.url + "/api/token/", data=b"", headers={"X-CSRFToken": csrf, "Referer": self.url + "/"}
         )
-        token = json.loads(opener.open(req, timeout=30).read())["token"]
-        self.access = self.call("POST", "/api/token/refresh/", {"refresh": token}, auth=False)["access"]
-        return token
+        self.token = json.loads(opener.open(req, timeout=30).read())["token"]
+        self._refresh()
+        return self.token
+
+    def _refresh(self) -> None:
+        """A new access token for the personal access token (they live 5 minutes; a busy machine's test outlives
+        one)."""
+        self.access = self.call("POST", "/api/token/refresh/", {"refresh": self.token}, auth=False)["access"]
+        self.access_at = time.monotonic()
 
     def call(self, method: str, path: str, body: object = None, auth: bool = True, files: dict | None = None):
+        if auth and time.monotonic() - self.access_at > ACCESS_TTL_S:
+            self._refresh()
         headers = {"Authorization": f"Bearer {self.access}"} if auth else {}
         data = None
         if files is not None:
