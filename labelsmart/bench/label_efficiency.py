@@ -654,7 +654,7 @@ def run_benchmark(spec: BenchSpec) -> list[dict[str, Any]]:
     if failed:
         raise RuntimeError(f"{len(failed)} cell(s) failed ({', '.join(failed)}); see {spec.out / ERRORS_NAME}.")
     keys = {c.key(spec) for c in cells}
-    return [r for r in read_results(results) if r.get("cell") in keys and r.get("eval") == eval_key]
+    return [r for r in read_results(results) if r.get("cell") in keys and _folder_key(r.get("eval")) == eval_key]
 
 
 # ------------------------------------------------------------------------------------------------ reports

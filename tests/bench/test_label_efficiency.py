@@ -123,6 +123,9 @@ def test_rf_row_runs_writes_all_outputs_and_resumes(data: Path, tmp_path: Path, 
     labeleff.run_benchmark(_spec(data, out, rows=("rf",), eval_splits=("val",), n_labeled=(2, 3), labels=("dense",)))
     assert ran == ["rf|dense|n3|train|seed0"]
     assert len((out / "results.jsonl").read_text().splitlines()) == 5
+    # A run given a relative folder returns its records (they hold the folder as it was spelled).
+    fresh = labeleff.run_benchmark(_spec(Path(data.name), tmp_path / "rel", rows=("rf",), labels=("dense",)))
+    assert [r["eval"] for r in fresh] == [data.name]
 
 
 def test_net_rows_train_through_run_round(data: Path, tmp_path: Path, monkeypatch):
