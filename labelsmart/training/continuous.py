@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import logging
 import math
 import os
@@ -47,7 +48,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader
 
 from labelsmart import imageio
 from labelsmart.config import IGNORE_INDEX, Config
@@ -58,9 +58,10 @@ from labelsmart.training.losses import class_weights
 from labelsmart.training.model import SegModel, build_model, read_checkpoint, save_checkpoint
 from labelsmart.training.objectives import StepContext, finetune_step, joint_step
 from labelsmart.training.round import (
-    EndlessSampler,
     crops_per_batch,
     is_out_of_memory,
+    labelled_batches,
+    network_and_optimiser,
     resolve_device,
     warm_start,
 )
@@ -444,20 +445,16 @@ class ContinuousTrainer(TrainerLoop):
         newest published version, or from the running network when the classes changed."""
         tc = self.cfg.train
         torch.manual_seed(tc.seed)
-        model = build_model(self.cfg.model, num_classes)
-        if self.ema is not None:
-            with tempfile.TemporaryDirectory(prefix="labelsmart-rebuild-") as tmp:
-                path = Path(tmp) / CHECKPOINT_NAME
-                save_checkpoint(path, self.ema.model, self.cfg, self._classes(), 0, self.steps, {})
-                warm_start(model, path)
-        else:
-            row = self.store.latest_published()
-            if row is not None and row.checkpoint.is_file():
-                warm_start(model, row.checkpoint)
-        memory_format = torch.channels_last if self.device.type == "cuda" else torch.contiguous_format
-        model.to(self.device, memory_format=memory_format).train()
-        self.model = model
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+        with tempfile.TemporaryDirectory(prefix="labelsmart-rebuild-") as tmp:
+            init: Path | None = None
+            if self.ema is not None:
+                init = Path(tmp) / CHECKPOINT_NAME
+                save_checkpoint(init, self.ema.model, self.cfg, self._classes(), 0, self.steps, {})
+            else:
+                row = self.store.latest_published()
+                init = row.checkpoint if row is not None else None
+            self.ctx, self.optimizer = network_and_optimiser(self.cfg, num_classes, self.device, init)
+        model = self.model = self.ctx.model
         self.ema = Ema(model, tc.ema_decay)
         self.publisher.prepare(model)  # ~2 s, once per set of classes, before the first label is trained on
         self.publisher.served, self.publisher.served_version = self._served_network(num_classes)
@@ -486,20 +483,16 @@ class ContinuousTrainer(TrainerLoop):
         tc = self.cfg.train
         assert self.model is not None
         num_classes = self.model.num_classes
-        dataset = LabelledSet(list(self.pool.train.values()), self.cfg, seed=tc.seed + self.absorbed)
-        sampler = EndlessSampler(len(dataset), tc.seed + self.absorbed)
-        loader = DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=0)
-        self.batches = iter(loader)
+        seed = tc.seed + self.absorbed
+        dataset = LabelledSet(list(self.pool.train.values()), self.cfg, seed=seed)
+        self.batches = labelled_batches(dataset, self.cfg, self.device, seed, self.batch_size)
         weight = None
         if tc.class_balance > 0:
             counts = dataset.class_counts(num_classes)
             weight = torch.from_numpy(class_weights(counts, tc.class_balance)).to(self.device)
-        memory_format = torch.channels_last if self.device.type == "cuda" else torch.contiguous_format
-        autocast = (
-            torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else contextlib.nullcontext()
-        )
-        generator = torch.Generator().manual_seed(tc.seed + self.absorbed)
-        self.ctx = StepContext(self.model, tc, self.device, generator, memory_format, autocast, weight)
+        assert self.ctx is not None
+        generator = torch.Generator().manual_seed(seed)
+        self.ctx = dataclasses.replace(self.ctx, model=self.model, generator=generator, ce_weight=weight)
 
     # -- one slice of training
 

@@ -468,6 +468,22 @@ def _round_metrics(data: RoundData, budget: Budget, training: _Training, val: di
     return metrics
 
 
+def labelled_batches(
+    dataset: LabelledSet, cfg: Config, device: torch.device, seed: int, batch_size: int, workers: int = 0
+) -> Iterator[dict[str, Tensor]]:
+    """Endless batches of ``batch_size`` augmented labelled crops for ``device``: made on the GPU from images
+    uploaded once (:class:`DeviceBatches`) on CUDA with ``train.device_augment``, otherwise by a DataLoader over
+    ``dataset`` in shuffled passes (``workers`` loader processes). Rounds and the continuous trainer both take
+    their batches here."""
+    if device.type == "cuda" and cfg.train.device_augment:
+        return DeviceBatches(dataset.items, cfg, device, seed=seed).batches(batch_size)
+    sampler = EndlessSampler(len(dataset), seed)
+    loader = DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, pin_memory=device.type == "cuda"
+    )
+    return iter(loader)
+
+
 def _loaders(cfg: Config, data: RoundData, dataset: LabelledSet, device: torch.device) -> Loaders:
     """A function of the batch size that gives endless batches of labelled crops, and of unlabelled crops when the
     semi-supervised or the self-training objective is on (the unlabelled images are read once, here): as many as
@@ -476,7 +492,6 @@ def _loaders(cfg: Config, data: RoundData, dataset: LabelledSet, device: torch.d
     once); otherwise, and for the unlabelled crops, by DataLoaders (with workers on CUDA)."""
     tc = cfg.train
     cuda = device.type == "cuda"
-    on_device = DeviceBatches(dataset.items, cfg, device) if cuda and tc.device_augment else None
     workers = min(4, max(0, (os.cpu_count() or 1) - 1)) if cuda else 0
     pool: list[np.ndarray] = []
     if tc.pseudo_weight > 0 or tc.unlabelled_weight > 0:
@@ -494,11 +509,7 @@ def _loaders(cfg: Config, data: RoundData, dataset: LabelledSet, device: torch.d
         return iter(DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=workers, pin_memory=cuda))
 
     def make(batch_size: int) -> tuple[Iterator[dict[str, Tensor]], Iterator[dict[str, Tensor]] | None]:
-        batches = (
-            on_device.batches(batch_size)
-            if on_device is not None
-            else endless(dataset, len(dataset), tc.seed, batch_size)
-        )
+        batches = labelled_batches(dataset, cfg, device, tc.seed, batch_size, workers)
         if unlabelled_set is None:
             return batches, None
         unlabelled_batch = max(2, batch_size // 2) if tc.unlabelled_weight > 0 else batch_size  # BatchNorm: >= 2

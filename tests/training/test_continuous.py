@@ -13,12 +13,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from labelsmart.config import Config
 from labelsmart.project import open_project
 from labelsmart.store import ModelRow, Store
 from labelsmart.training import continuous
 from labelsmart.training.continuous import ContinuousTrainer, LabelPool, held_out
+from labelsmart.training.device_data import DeviceBatches
 from labelsmart.training.trainer import make_loop
 
 QUICK = {"first_publish_steps": 2, "publish_min_steps": 2, "publish_min_interval_s": 0}  # publish every two steps
@@ -150,6 +152,21 @@ def test_a_save_joins_training_at_the_next_poll_and_is_published(project):
         assert row.metrics["steps"] > first.metrics["steps"]
     status, _ = p.store.get_status("trainer")
     assert status["mode"] == "continuous"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_cuda_the_continuous_trainer_takes_its_crops_from_device_batches(project, monkeypatch):
+    made: list[int] = []
+    real = DeviceBatches.batch
+    monkeypatch.setattr(DeviceBatches, "batch", lambda self, n: made.append(n) or real(self, n))
+    p = project(labelled=2, **QUICK)
+    p.cfg = dataclasses.replace(p.cfg, train=dataclasses.replace(p.cfg.train, device="cuda"))
+    t = ContinuousTrainer(p.cfg, p.store)
+    with p.running(t):
+        row = p.published("the first version on CUDA")
+    assert t.device.type == "cuda" and row.metrics["device"] == "cuda"
+    assert len(made) >= row.metrics["steps"]  # every step's labelled crops were made on the GPU
 
 
 def test_a_candidate_worse_than_the_served_version_is_not_published(project, monkeypatch):
