@@ -102,9 +102,6 @@ class TrainConfig:
     val_min_images: int = 10  # hold out images for validation only once this many are labelled
     val_every: int = 5  # then every n-th labelled image (by id; continuous: by a hash of the id) is held out
     ema_decay: float = 0.98  # continuous trainer: the published weights are this moving average of the trained ones
-    # continuous trainer: a second, slower average (no restart after new labels); once enough images are held out,
-    # each publish serves whichever of the two scores higher on them (0 = only the first)
-    ema_slow_decay: float = 0.995
 
 
 @dataclass(frozen=True)

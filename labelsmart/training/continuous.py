@@ -8,9 +8,7 @@ Read top to bottom:
   training set at the next poll (``trigger.poll_s``, default 1 s), without restarting anything. Validation images
   are held out by a rule that does not move as images are labelled (:func:`held_out`).
 - :class:`Ema` is an exponential moving average of the weights; it is what gets published (training itself runs at a
-  constant learning rate after a short warm-up, a schedule made for a run with no planned end). Two run side by
-  side: one that follows new labels closely for a while after each save, and a slower one that never restarts
-  (``train.ema_slow_decay``); once enough images are held out, a publish serves whichever scores higher on them.
+  constant learning rate after a short warm-up, a schedule made for a run with no planned end).
 - :class:`OnnxTemplate` exports the network's graph once per set of classes, before the first label arrives; each
   version after that writes the same graph with its own weights (seconds, not the exporter's ten to twenty), and
   the parity check against PyTorch still runs on every file.
@@ -278,7 +276,6 @@ class Candidate:
     loss: float | None
     reason: str
     metrics: dict[str, Any] = field(default_factory=dict)
-    slow: SegModel | None = None  # the slower average (CPU, eval mode), the alternative to ``model``
 
 
 class Publisher(threading.Thread):
@@ -381,7 +378,6 @@ class ContinuousTrainer(TrainerLoop):
         self.threads = cfg.train.threads or os.cpu_count() or 1
         self.model: SegModel | None = None
         self.ema: Ema | None = None
-        self.slow: Ema | None = None  # the slower average, never restarted (``train.ema_slow_decay``)
         self.optimizer: torch.optim.Optimizer | None = None
         self.ctx: StepContext | None = None
         self.batches: Iterator[dict[str, Tensor]] | None = None
@@ -460,7 +456,6 @@ class ContinuousTrainer(TrainerLoop):
             self.ctx, self.optimizer = network_and_optimiser(self.cfg, num_classes, self.device, init)
         model = self.model = self.ctx.model
         self.ema = Ema(model, tc.ema_decay)
-        self.slow = Ema(model, tc.ema_slow_decay) if tc.ema_slow_decay > 0 else None
         self.publisher.prepare(model)  # ~2 s, once per set of classes, before the first label is trained on
         self.publisher.served, self.publisher.served_version = self._served_network(num_classes)
 
@@ -538,8 +533,6 @@ class ContinuousTrainer(TrainerLoop):
             self.losses.append(float(loss.detach()))
             del self.losses[:-100]
             self.ema.update(self.ctx.model)
-            if self.slow is not None:
-                self.slow.update(self.ctx.model)
             if time.monotonic() >= end:
                 return
 
@@ -648,7 +641,6 @@ class ContinuousTrainer(TrainerLoop):
             loss=loss,
             reason=reason,
             metrics={"batch_size": self.batch_size},
-            slow=self.slow.cpu_copy() if self.slow is not None else None,
         )
 
     # -- publishing (in the publisher thread)
@@ -662,14 +654,9 @@ class ContinuousTrainer(TrainerLoop):
         num_classes = c.model.num_classes
         val: dict[str, Any] = {"val_miou": None, "val_per_class_iou": None, "val_pixel_acc": None}
         served_miou = None
-        average = "fast"
         if c.val:
             val = validate(c.model, c.val, cfg, num_classes, torch.device("cpu"))
             gate = len(c.val) >= cfg.trigger.publish_gate_images  # one or two images say little: no gate yet
-            if gate and c.slow is not None:  # the slower average, if it does better on the held-out labels
-                slow = validate(c.slow, c.val, cfg, num_classes, torch.device("cpu"))
-                if slow["val_miou"] is not None and val["val_miou"] is not None and slow["val_miou"] > val["val_miou"]:
-                    c, val, average = dataclasses.replace(c, model=c.slow), slow, "slow"
             if gate and pub.served is not None and pub.served.num_classes == num_classes:
                 served_miou = validate(pub.served, c.val, cfg, num_classes, torch.device("cpu"))["val_miou"]
         if val["val_miou"] is not None:
@@ -701,7 +688,6 @@ class ContinuousTrainer(TrainerLoop):
                 "labelled_pixels": c.snapshot.labelled_pixels,
                 "mode": "continuous",
                 "publish_reason": c.reason,
-                "average": average,
                 "served_val_miou": served_miou,
                 **c.metrics,
             }
@@ -719,7 +705,6 @@ class ContinuousTrainer(TrainerLoop):
         self.published_revisions = c.snapshot.revisions
         self.steps_at_publish = c.steps
         miou = "" if val["val_miou"] is None else f", held-out mIoU {100 * val['val_miou']:.1f} %"
-        miou += ", the slower average" if average == "slow" else ""
         pub.last_result = f"published v{version} ({c.reason}, step {c.steps}{miou})"
         log.info("%s in %.1f s", pub.last_result, time.monotonic() - t0)
         self.scorer.wake.set()
