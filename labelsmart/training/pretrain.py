@@ -25,7 +25,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import DataLoader
 
 from labelsmart import imageio
 from labelsmart.config import Config
@@ -149,7 +148,7 @@ def pretrain(
     Raises:
         ValueError: no images, or a crop that is not a multiple of 32.
     """
-    from labelsmart.training.round import EndlessSampler, network_and_optimiser, resolve_device
+    from labelsmart.training.round import endless_batches, network_and_optimiser, resolve_device
 
     tc = cfg.train
     if not images:
@@ -163,15 +162,7 @@ def pretrain(
     dataset = ViewPairSet(images, cfg)
     cuda = device.type == "cuda"
     workers = min(4, max(0, (os.cpu_count() or 1) - 1)) if cuda else 0
-    batches = iter(
-        DataLoader(
-            dataset,
-            batch_size=max(2, tc.batch_size),
-            sampler=EndlessSampler(len(dataset), tc.seed + 2),
-            num_workers=workers,
-            pin_memory=cuda,
-        )
-    )
+    batches = endless_batches(dataset, tc.seed + 2, max(2, tc.batch_size), workers, pin_memory=cuda)
     ctx, optimizer = network_and_optimiser(cfg, num_classes, device)
     losses: list[float] = []
     step = 0

@@ -477,10 +477,15 @@ def labelled_batches(
     their batches here."""
     if device.type == "cuda" and cfg.train.device_augment:
         return DeviceBatches(dataset.items, cfg, device, seed=seed).batches(batch_size)
-    sampler = EndlessSampler(len(dataset), seed)
-    loader = DataLoader(
-        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, pin_memory=device.type == "cuda"
-    )
+    return endless_batches(dataset, seed, batch_size, workers, pin_memory=device.type == "cuda")
+
+
+def endless_batches(
+    dataset: torch.utils.data.Dataset, seed: int, batch_size: int, workers: int = 0, pin_memory: bool = False
+) -> Iterator[dict[str, Tensor]]:
+    """A DataLoader's endless batches over ``dataset`` in shuffled passes (:class:`EndlessSampler`)."""
+    sampler = EndlessSampler(len(dataset), seed)  # type: ignore[arg-type]
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, pin_memory=pin_memory)
     return iter(loader)
 
 
@@ -504,16 +509,12 @@ def _loaders(cfg: Config, data: RoundData, dataset: LabelledSet, device: torch.d
     if pool:
         unlabelled_set = WeakStrongSet(pool, cfg) if tc.unlabelled_weight > 0 else UnlabelledSet(pool, cfg)
 
-    def endless(ds: torch.utils.data.Dataset, n: int, seed: int, batch_size: int) -> Iterator[dict[str, Tensor]]:
-        sampler = EndlessSampler(n, seed)
-        return iter(DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=workers, pin_memory=cuda))
-
     def make(batch_size: int) -> tuple[Iterator[dict[str, Tensor]], Iterator[dict[str, Tensor]] | None]:
         batches = labelled_batches(dataset, cfg, device, tc.seed, batch_size, workers)
         if unlabelled_set is None:
             return batches, None
         unlabelled_batch = max(2, batch_size // 2) if tc.unlabelled_weight > 0 else batch_size  # BatchNorm: >= 2
-        return batches, endless(unlabelled_set, len(pool), tc.seed + 1, unlabelled_batch)
+        return batches, endless_batches(unlabelled_set, tc.seed + 1, unlabelled_batch, workers, pin_memory=cuda)
 
     return make
 
