@@ -93,6 +93,16 @@ class TrainConfig:
     teacher_ema: float = 0.0
     pseudo_class_balance: bool = True
     pseudo_min_threshold: float = 0.5
+    # A CRF loss on the unlabelled pixels of the labelled crops (0 = off; losses.local_crf_loss): crf_weight times
+    # the Potts relaxation of a CRF with a Gaussian colour-and-position kernel (bandwidths crf_sigma_xy pixels,
+    # crf_sigma_rgb on 0..1 colour) over a (2 crf_radius + 1)^2 window, on the probabilities and the crop shrunk
+    # crf_downsample times, is added to the cross-entropy (Tang et al., ECCV 2018; the window and bandwidths of the
+    # gated CRF loss, Obukhov et al. 2019)
+    crf_weight: float = 0.0
+    crf_sigma_xy: float = 6.0
+    crf_sigma_rgb: float = 0.1
+    crf_radius: int = 5
+    crf_downsample: int = 2
     device: str = "auto"  # auto | cpu | cuda
     # On CUDA, augment the labelled crops on the GPU (training.device_data) rather than in CPU loader workers, which
     # left a GPU round input-bound; the CPU keeps the loader (there the torch path is the slower one)

@@ -1,4 +1,4 @@
-"""Supervised pixel contrastive loss, masked cross-entropy, class weights and bounded pixel sampling.
+"""Supervised pixel contrastive loss, masked cross-entropy, a local CRF loss, class weights and bounded pixel sampling.
 
 The contrastive loss follows Khosla et al. (SupCon) as applied to pixels by Zhao et al., "Contrastive
 Learning for Label-Efficient Semantic Segmentation" (ICCV 2021): every sampled labelled pixel is an
@@ -70,6 +70,44 @@ def masked_cross_entropy(
     if not bool((target != ignore_index).any()):
         return logits.sum() * 0.0
     return F.cross_entropy(logits.float(), target, weight=weight, ignore_index=ignore_index)
+
+
+def local_crf_loss(prob: Tensor, rgb: Tensor, sigma_xy: float, sigma_rgb: float, radius: int) -> Tensor:
+    """A CRF regulariser of a soft segmentation over a local window, for the pixels scribbles leave unlabelled.
+
+    The Potts relaxation of the dense CRF loss of Tang et al., "On Regularized Losses for Weakly-supervised CNN
+    Segmentation" (ECCV 2018), restricted to a ``(2 radius + 1)^2`` window as in the gated CRF loss of Obukhov et
+    al. (2019): ``sum_i sum_{j in W(i), j != i} k_ij (1 - p_i . p_j) / N`` with the Gaussian RGBXY kernel
+    ``k_ij = exp(-|xy_i - xy_j|^2 / 2 sigma_xy^2 - |rgb_i - rgb_j|^2 / 2 sigma_rgb^2)``. Neighbours of alike colour
+    are pulled towards one class; across a colour edge the kernel vanishes, so the prediction may change there.
+    Each unordered pair is visited once (one shift of the tensors per offset) and counted twice.
+
+    Args:
+        prob: ``(B, K, h, w)`` class probabilities.
+        rgb: ``(B, 3, h, w)`` the image at the same resolution, in the units of ``sigma_rgb`` (0..1 colour).
+        sigma_xy: spatial bandwidth in pixels of ``prob``.
+        sigma_rgb: colour bandwidth.
+        radius: half-width of the window.
+
+    Returns:
+        Scalar loss, >= 0 (0 for a hard segmentation that is constant wherever the kernel reaches).
+    """
+    b, _, h, w = prob.shape
+    prob, rgb = prob.float(), rgb.float()
+    total = prob.new_zeros(())
+    for dy in range(radius + 1):
+        for dx in range(-radius, radius + 1):
+            if dy == 0 and dx <= 0:  # the other half of each pair, or the pixel itself
+                continue
+            if dy >= h or abs(dx) >= w:
+                continue
+            xa = slice(max(0, -dx), w - max(0, dx))  # columns of i; j = i + (dy, dx)
+            xb = slice(max(0, dx), w - max(0, -dx))
+            p_i, p_j = prob[:, :, : h - dy, xa], prob[:, :, dy:, xb]  # (B, K, h - dy, w - |dx|)
+            d_rgb = (rgb[:, :, : h - dy, xa] - rgb[:, :, dy:, xb]).square().sum(1)  # (B, h - dy, w - |dx|)
+            kernel = torch.exp(-(dy * dy + dx * dx) / (2 * sigma_xy**2) - d_rgb / (2 * sigma_rgb**2))
+            total = total + (kernel * (1.0 - (p_i * p_j).sum(1))).sum()
+    return 2.0 * total / (b * h * w)
 
 
 def class_weights(counts: np.ndarray, alpha: float, cap: float = CLASS_WEIGHT_CAP) -> np.ndarray:

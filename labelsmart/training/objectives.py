@@ -1,7 +1,7 @@
 """The objectives a round trains with, one optimisation step each, on a batch of :class:`LabelledSet` crops.
 
 - :func:`finetune_step`: masked cross-entropy on the labelled pixels (class-weighted when the round balances
-  classes): the shipped objective;
+  classes): the shipped objective; with ``crf_weight``, plus a local CRF loss over all pixels of the crops;
 - :func:`contrastive_step`: the supervised pixel contrastive loss of Zhao et al. (ICCV 2021) over two
   photometric views, the pretraining stage;
 - :func:`joint_step`: both at once, from one forward pass over the two views;
@@ -25,8 +25,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from labelsmart.config import IGNORE_INDEX, TrainConfig
-from labelsmart.training.losses import masked_cross_entropy, sample_pixels, supervised_pixel_contrastive_loss
+from labelsmart.config import IGNORE_INDEX, IMAGENET_STD, TrainConfig
+from labelsmart.training.losses import (
+    local_crf_loss,
+    masked_cross_entropy,
+    sample_pixels,
+    supervised_pixel_contrastive_loss,
+)
 from labelsmart.training.model import SegModel
 
 MAX_CONTRASTIVE_SAMPLES = 1024  # per view; bounds the (2N, 2N) similarity matrix (its cost grows as N^2)
@@ -39,6 +44,7 @@ class StepContext:
     Attributes:
         ce_weight: ``(K,)`` class weights of the cross-entropy, or None for plain cross-entropy.
         generator: CPU generator of the contrastive pixel samples.
+        std: the per-channel standard deviation the crops were normalised with (the CRF loss's colours).
     """
 
     model: SegModel
@@ -48,6 +54,7 @@ class StepContext:
     memory_format: torch.memory_format
     autocast: contextlib.AbstractContextManager
     ce_weight: Tensor | None = None
+    std: tuple[float, float, float] = IMAGENET_STD
 
     def images(self, *parts: Tensor) -> Tensor:
         """Image crops ``(B, 3, c, c)`` (concatenated in order) on the device, in its memory format."""
@@ -110,13 +117,30 @@ def contrastive_step(ctx: StepContext, batch: dict[str, Tensor]) -> Tensor:
         return contrastive_loss(ctx, feats, batch["label"])
 
 
+def crf_loss(ctx: StepContext, x: Tensor, logits: Tensor) -> Tensor:
+    """The local CRF loss of the crops ``x`` (normalised, ``(B, 3, c, c)``) and their ``logits``, both shrunk
+    ``crf_downsample`` times (area averages of colours and of probabilities)."""
+    tc = ctx.tc
+    std = torch.tensor(ctx.std, device=x.device, dtype=torch.float32).view(1, 3, 1, 1)
+    rgb = x.float() * std  # 0..1 colour less the mean, which cancels in a difference
+    prob = logits.float().softmax(1)  # (B, K, c, c)
+    if tc.crf_downsample > 1:
+        rgb = F.avg_pool2d(rgb, tc.crf_downsample)
+        prob = F.avg_pool2d(prob, tc.crf_downsample)
+    return local_crf_loss(prob, rgb, tc.crf_sigma_xy, tc.crf_sigma_rgb, tc.crf_radius)
+
+
 def finetune_step(ctx: StepContext, batch: dict[str, Tensor]) -> Tensor:
-    """Masked cross-entropy on view 1 (255 ignored), class-weighted when the context has ``ce_weight``."""
+    """Masked cross-entropy on view 1 (255 ignored), class-weighted when the context has ``ce_weight``; with
+    ``crf_weight``, plus that times the local CRF loss of the crops."""
     x = ctx.images(batch["view1"])  # (B, 3, c, c)
     target = batch["label"].to(ctx.device, non_blocking=True)  # (B, c, c)
     with ctx.autocast:
         logits = ctx.model(x)  # (B, K, c, c)
-    return ctx.ce(logits, target)
+    loss = ctx.ce(logits, target)
+    if ctx.tc.crf_weight > 0:
+        loss = loss + ctx.tc.crf_weight * crf_loss(ctx, x, logits)
+    return loss
 
 
 def joint_step(ctx: StepContext, batch: dict[str, Tensor]) -> Tensor:

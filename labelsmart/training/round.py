@@ -412,7 +412,8 @@ def network_and_optimiser(
     model.to(device, memory_format=memory_format).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
-    ctx = StepContext(model, tc, device, torch.Generator().manual_seed(tc.seed), memory_format, autocast, ce_weight)
+    generator = torch.Generator().manual_seed(tc.seed)
+    ctx = StepContext(model, tc, device, generator, memory_format, autocast, ce_weight, cfg.preprocess.std)
     return ctx, optimizer
 
 

@@ -1,5 +1,6 @@
-"""Contrastive loss values by hand, masked cross-entropy, bounded pixel sampling."""
+"""Contrastive loss values by hand, masked cross-entropy, the local CRF loss, bounded pixel sampling."""
 
+import contextlib
 import math
 
 import numpy as np
@@ -7,12 +8,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from labelsmart.config import IGNORE_INDEX, IMAGENET_STD, TrainConfig
 from labelsmart.training.losses import (
     class_weights,
+    local_crf_loss,
     masked_cross_entropy,
     sample_pixels,
     supervised_pixel_contrastive_loss,
 )
+from labelsmart.training.objectives import StepContext, finetune_step
 
 
 def test_contrastive_loss_by_hand_symmetric() -> None:
@@ -134,3 +138,66 @@ def test_class_weights_by_hand() -> None:
     assert half[0] == pytest.approx((1000 / 55) ** -0.5, rel=1e-6)
     assert half[2] == pytest.approx((10 / 55) ** -0.5, rel=1e-6)
     assert list(np.argsort(half[[0, 1, 2]])) == [0, 1, 2]  # rarer classes weigh more
+
+
+def test_local_crf_loss_matches_every_pair_of_the_window() -> None:
+    g = torch.Generator().manual_seed(0)
+    b, k, h, w, r, s_xy, s_rgb = 2, 3, 5, 6, 2, 1.5, 0.3
+    prob = torch.randn(b, k, h, w, generator=g).softmax(1)
+    rgb = torch.rand(b, 3, h, w, generator=g)
+    expected = 0.0
+    for n in range(b):
+        for y in range(h):
+            for x in range(w):
+                for v in range(max(0, y - r), min(h, y + r + 1)):
+                    for u in range(max(0, x - r), min(w, x + r + 1)):
+                        if (v, u) == (y, x):
+                            continue
+                        d_rgb = float((rgb[n, :, y, x] - rgb[n, :, v, u]).square().sum())
+                        kern = math.exp(-((y - v) ** 2 + (x - u) ** 2) / (2 * s_xy**2) - d_rgb / (2 * s_rgb**2))
+                        expected += kern * (1 - float((prob[n, :, y, x] * prob[n, :, v, u]).sum()))
+    expected /= b * h * w
+    assert float(local_crf_loss(prob, rgb, s_xy, s_rgb, r)) == pytest.approx(expected, rel=1e-5)
+
+
+def test_local_crf_loss_prefers_the_segmentation_that_follows_the_colour_edge() -> None:
+    h, w = 12, 12
+    rgb = torch.zeros(1, 3, h, w)
+    rgb[:, :, :, 6:] = 1.0  # dark left half, bright right half
+
+    def hard(split: int) -> torch.Tensor:  # class 0 left of column split, class 1 from it on
+        p = torch.zeros(1, 2, h, w)
+        p[:, 0, :, :split], p[:, 1, :, split:] = 1.0, 1.0
+        return p
+
+    on_edge = float(local_crf_loss(hard(6), rgb, 3.0, 0.1, 3))
+    off_edge = float(local_crf_loss(hard(3), rgb, 3.0, 0.1, 3))
+    assert on_edge < 1e-6 < off_edge  # the cut across alike colours costs, the cut along the edge does not
+    assert float(local_crf_loss(hard(0), rgb, 3.0, 0.1, 3)) == 0.0  # one class everywhere: no pair disagrees
+
+
+def test_the_crf_term_teaches_from_crops_without_a_labelled_pixel() -> None:
+    torch.manual_seed(0)
+    net = torch.nn.Conv2d(3, 4, 1)
+    tc = TrainConfig(class_balance=0.0, crf_weight=0.5, crf_radius=2, crf_downsample=2)
+    ctx = StepContext(
+        net, tc, torch.device("cpu"), torch.Generator(), torch.contiguous_format, contextlib.nullcontext()
+    )
+    x = torch.randn(2, 3, 8, 8)
+    batch = {"view1": x, "label": torch.full((2, 8, 8), IGNORE_INDEX, dtype=torch.int64)}
+    loss = finetune_step(ctx, batch)
+    loss.backward()
+    assert net.weight.grad is not None and float(net.weight.grad.abs().sum()) > 0
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    prob = F.avg_pool2d(net(x).softmax(1), 2)
+    expected = 0.5 * local_crf_loss(prob, F.avg_pool2d(x * std, 2), tc.crf_sigma_xy, tc.crf_sigma_rgb, 2).detach()
+    assert float(loss.detach()) == pytest.approx(float(expected), rel=1e-5) and float(loss.detach()) > 0
+    off = StepContext(
+        net,
+        TrainConfig(class_balance=0.0),
+        torch.device("cpu"),
+        torch.Generator(),
+        torch.contiguous_format,
+        contextlib.nullcontext(),
+    )
+    assert float(finetune_step(off, batch).detach()) == 0.0  # without the term nothing is learnt from such a crop
