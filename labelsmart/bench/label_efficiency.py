@@ -185,10 +185,16 @@ def cells_of(spec: BenchSpec) -> list[Cell]:
 
 
 def ce_only(tc: TrainConfig) -> TrainConfig:
-    """Plain cross-entropy, the baseline row: the shipped round with every contrastive part and the class
-    balancing switched off."""
+    """Plain cross-entropy, the baseline row: the shipped round with every contrastive part, self-training, the
+    CRF loss and the class balancing switched off (also when ``--set`` turned them on for the other rows)."""
     return dataclasses.replace(
-        tc, pretrain_fraction=0.0, contrastive_weight=0.0, pseudo_weight=0.0, unlabelled_weight=0.0, class_balance=0.0
+        tc,
+        pretrain_fraction=0.0,
+        contrastive_weight=0.0,
+        pseudo_weight=0.0,
+        unlabelled_weight=0.0,
+        class_balance=0.0,
+        crf_weight=0.0,
     )
 
 

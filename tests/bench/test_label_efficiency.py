@@ -229,3 +229,13 @@ def test_self_supervised_pretraining_runs_once_and_every_net_cell_starts_from_it
     assert starts[-2:] == [None, None]
     with pytest.raises(labeleff.BenchError, match="--ssl-steps 0"):
         labeleff.run_benchmark(dataclasses.replace(spec, ssl_steps=0))
+
+
+def test_ce_only_is_plain_cross_entropy_whatever_set_turned_on() -> None:
+    on = TrainConfig(
+        pretrain_fraction=0.3, contrastive_weight=1.0, pseudo_weight=1.0, unlabelled_weight=0.5, crf_weight=0.03
+    )
+    plain = labeleff.ce_only(on)
+    assert (plain.pretrain_fraction, plain.contrastive_weight, plain.pseudo_weight) == (0.0, 0.0, 0.0)
+    assert (plain.unlabelled_weight, plain.class_balance, plain.crf_weight) == (0.0, 0.0, 0.0)
+    assert plain.steps == on.steps and plain.crop == on.crop  # the rest of the round is the same
