@@ -97,8 +97,8 @@ class TrainConfig:
     # A CRF loss on the unlabelled pixels of the labelled crops (0 = off; losses.local_crf_loss): crf_weight times
     # the Potts relaxation of a CRF with a Gaussian colour-and-position kernel (bandwidths crf_sigma_xy pixels,
     # crf_sigma_rgb on 0..1 colour) over a (2 crf_radius + 1)^2 window, on the probabilities and the crop shrunk
-    # crf_downsample times, is added to the cross-entropy (Tang et al., ECCV 2018; the window and bandwidths of the
-    # gated CRF loss, Obukhov et al. 2019)
+    # crf_downsample times, is added to the cross-entropy of the labelled crops (Tang et al., ECCV 2018; the window
+    # and bandwidths of the gated CRF loss, Obukhov et al. 2019), in every objective but the semi-supervised one
     crf_weight: float = 0.0
     crf_sigma_xy: float = 6.0
     crf_sigma_rgb: float = 0.1

@@ -1,7 +1,9 @@
 """The objectives a round trains with, one optimisation step each, on a batch of :class:`LabelledSet` crops.
 
 - :func:`finetune_step`: masked cross-entropy on the labelled pixels (class-weighted when the round balances
-  classes): the shipped objective; with ``crf_weight``, plus a local CRF loss over all pixels of the crops;
+  classes): the shipped objective; with ``crf_weight``, plus a local CRF loss over all pixels of the crops
+  (:func:`labelled_loss`, which the joint and self-training steps take for their labelled crops too; the
+  semi-supervised step keeps plain cross-entropy);
 - :func:`contrastive_step`: the supervised pixel contrastive loss of Zhao et al. (ICCV 2021) over two
   photometric views, the pretraining stage;
 - :func:`joint_step`: both at once, from one forward pass over the two views;
@@ -130,17 +132,23 @@ def crf_loss(ctx: StepContext, x: Tensor, logits: Tensor) -> Tensor:
     return local_crf_loss(prob, rgb, tc.crf_sigma_xy, tc.crf_sigma_rgb, tc.crf_radius)
 
 
-def finetune_step(ctx: StepContext, batch: dict[str, Tensor]) -> Tensor:
-    """Masked cross-entropy on view 1 (255 ignored), class-weighted when the context has ``ce_weight``; with
-    ``crf_weight``, plus that times the local CRF loss of the crops."""
-    x = ctx.images(batch["view1"])  # (B, 3, c, c)
-    target = batch["label"].to(ctx.device, non_blocking=True)  # (B, c, c)
-    with ctx.autocast:
-        logits = ctx.model(x)  # (B, K, c, c)
+def labelled_loss(ctx: StepContext, x: Tensor, logits: Tensor, target: Tensor) -> Tensor:
+    """What every cross-entropy objective learns from labelled crops ``x``: the context's cross-entropy on their
+    labelled pixels plus, with ``crf_weight``, that times the local CRF loss of the crops."""
     loss = ctx.ce(logits, target)
     if ctx.tc.crf_weight > 0:
         loss = loss + ctx.tc.crf_weight * crf_loss(ctx, x, logits)
     return loss
+
+
+def finetune_step(ctx: StepContext, batch: dict[str, Tensor]) -> Tensor:
+    """Masked cross-entropy on view 1 (255 ignored), class-weighted when the context has ``ce_weight``; with
+    ``crf_weight``, plus that times the local CRF loss of the crops (:func:`labelled_loss`)."""
+    x = ctx.images(batch["view1"])  # (B, 3, c, c)
+    target = batch["label"].to(ctx.device, non_blocking=True)  # (B, c, c)
+    with ctx.autocast:
+        logits = ctx.model(x)  # (B, K, c, c)
+    return labelled_loss(ctx, x, logits, target)
 
 
 def joint_step(ctx: StepContext, batch: dict[str, Tensor]) -> Tensor:
@@ -152,7 +160,7 @@ def joint_step(ctx: StepContext, batch: dict[str, Tensor]) -> Tensor:
         feats = ctx.model.forward_features(views)  # (2B, C, h, w)
         logits = ctx.model.forward_head(feats)  # (2B, K, c, c)
         contrastive = contrastive_loss(ctx, feats, label)
-    return ctx.ce(logits, target) + ctx.tc.contrastive_weight * contrastive
+    return labelled_loss(ctx, views, logits, target) + ctx.tc.contrastive_weight * contrastive
 
 
 def semi_step(
@@ -255,6 +263,6 @@ def self_training_step(
     x = ctx.images(batch["view1"], ubatch["strong"])  # (Bl + Bu, 3, c, c)
     with ctx.autocast:
         logits = ctx.model(x)  # (Bl + Bu, K, c, c)
-    ce = ctx.ce(logits[:bl], label.to(ctx.device, non_blocking=True))
+    ce = labelled_loss(ctx, x[:bl], logits[:bl], label.to(ctx.device, non_blocking=True))
     unlabelled = F.cross_entropy(logits[bl:].float(), pseudo, ignore_index=IGNORE_INDEX, reduction="sum")
     return ce + ctx.tc.unlabelled_weight * unlabelled / pseudo.numel(), share

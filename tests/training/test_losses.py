@@ -1,6 +1,7 @@
 """Contrastive loss values by hand, masked cross-entropy, the local CRF loss, bounded pixel sampling."""
 
 import contextlib
+import dataclasses
 import math
 
 import numpy as np
@@ -192,12 +193,5 @@ def test_the_crf_term_teaches_from_crops_without_a_labelled_pixel() -> None:
     prob = F.avg_pool2d(net(x).softmax(1), 2)
     expected = 0.5 * local_crf_loss(prob, F.avg_pool2d(x * std, 2), tc.crf_sigma_xy, tc.crf_sigma_rgb, 2).detach()
     assert float(loss.detach()) == pytest.approx(float(expected), rel=1e-5) and float(loss.detach()) > 0
-    off = StepContext(
-        net,
-        TrainConfig(class_balance=0.0),
-        torch.device("cpu"),
-        torch.Generator(),
-        torch.contiguous_format,
-        contextlib.nullcontext(),
-    )
+    off = dataclasses.replace(ctx, tc=TrainConfig(class_balance=0.0))
     assert float(finetune_step(off, batch).detach()) == 0.0  # without the term nothing is learnt from such a crop

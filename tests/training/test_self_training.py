@@ -2,6 +2,7 @@
 hand, and the strong view's alignment with the weak one."""
 
 import contextlib
+import dataclasses
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 from labelsmart import config
 from labelsmart.config import IGNORE_INDEX
 from labelsmart.training.data import WeakStrongSet, cut_out
-from labelsmart.training.objectives import PseudoThresholds, StepContext, self_training_step
+from labelsmart.training.objectives import PseudoThresholds, StepContext, crf_loss, self_training_step
 
 
 def test_thresholds_lower_the_bar_for_classes_seldom_predicted_with_confidence() -> None:
@@ -76,6 +77,31 @@ def test_self_training_step_by_hand() -> None:
     assert share0 == 0.0 and float(none.detach()) == pytest.approx(float(labelled.detach()), rel=1e-5)
     warmup, no_share = self_training_step(_ctx(student, 0.7), batch, None, teacher, th)
     assert no_share is None and float(warmup.detach()) == pytest.approx(float(labelled.detach()), rel=1e-5)
+
+
+def test_the_crf_term_joins_the_labelled_crops_with_and_without_unlabelled_ones() -> None:
+    g = torch.Generator().manual_seed(1)
+    k, c = 3, 8
+    student, teacher = _Fixed(torch.randn(k, c, c, generator=g)), _Fixed(torch.randn(k, c, c, generator=g) * 3)
+    label = torch.full((2, c, c), IGNORE_INDEX, dtype=torch.int64)
+    label[:, :2] = 1
+    batch = {"view1": torch.rand(2, 3, c, c, generator=g), "label": label}
+    ubatch = {"weak": torch.rand(1, 3, c, c, generator=g), "strong": torch.rand(1, 3, c, c, generator=g)}
+    plain, with_crf = (
+        _ctx(student, 0.7),
+        dataclasses.replace(
+            _ctx(student, 0.7),
+            tc=config.TrainConfig(unlabelled_weight=0.7, class_balance=0.0, crf_weight=0.5, crf_radius=2),
+        ),
+    )
+    term = 0.5 * crf_loss(with_crf, batch["view1"], student(batch["view1"])).detach()  # the labelled crops' term
+    assert float(term) > 0
+    for ub in (ubatch, None):  # after the warm-up and during it
+        th = PseudoThresholds(k, tau=0.8, balance=False, floor=0.5)
+        base, _ = self_training_step(plain, batch, ub, teacher, th)
+        th = PseudoThresholds(k, tau=0.8, balance=False, floor=0.5)
+        more, _ = self_training_step(with_crf, batch, ub, teacher, th)
+        assert float(more.detach()) == pytest.approx(float((base + term).detach()), rel=1e-5)
 
 
 def test_strong_view_is_the_weak_crop_recoloured_with_a_cut_out() -> None:
