@@ -180,6 +180,7 @@ def cmd_bench_label_efficiency(args: argparse.Namespace) -> int:
         isolate=not args.in_process,
         ssl_steps=args.ssl_steps,
         ssl_minutes=args.ssl_minutes,
+        inference=_parse_list(args.inference, "--inference"),
     )
     try:
         records = labeleff.run_benchmark(spec)
@@ -364,6 +365,12 @@ def register(sub: SubParsers) -> None:
         help="pretrain first, this many steps, by dense self-supervised contrast on all pool-split images (once a run)",
     )
     le.add_argument("--ssl-minutes", dest="ssl_minutes", type=float, help="the same pretraining, bounded in minutes")
+    le.add_argument(
+        "--inference",
+        default="plain",
+        help="score each network also with test-time averaging: plain (the predictor's one pass), flip, ms3, ms3flip, "
+        "up-flip (comma-separated; one record each, the same trained network)",
+    )
     le.add_argument("--in-process", dest="in_process", action="store_true", help="run cells in this process")
     le.add_argument("--out", required=True, help="output folder: results.jsonl, table.md, plot (resumable)")
     le.set_defaults(func=cmd_bench_label_efficiency)

@@ -60,6 +60,15 @@ RESULTS_NAME = "results.jsonl"
 ERRORS_NAME = "errors.jsonl"
 TABLE_NAME = "table.md"
 PLOT_NAME = "label_efficiency.png"
+# inference modes a net cell can also be scored with (``--inference``): the working scales (times max_side) whose class
+# probabilities are averaged, and whether the mirrored image joins each (training.validation.predict_mask)
+INFERENCE: dict[str, tuple[tuple[float, ...], bool]] = {
+    "plain": ((1.0,), False),
+    "flip": ((1.0,), True),
+    "ms3": ((0.75, 1.0, 1.25), False),
+    "ms3flip": ((0.75, 1.0, 1.25), True),
+    "up-flip": ((1.0, 1.25, 1.5), True),
+}
 MINUTES_STEPS = 1_000_000  # step cap when only --minutes bounds a round (the deadline ends it first)
 
 
@@ -115,6 +124,9 @@ class BenchSpec:
     # shared by the run's cells: its steps and / or minutes
     ssl_steps: int | None = None
     ssl_minutes: float | None = None
+    # how net cells are scored: "plain" is the predictor's one pass; the others average several (INFERENCE), on the
+    # same trained network, one record each
+    inference: tuple[str, ...] = ("plain",)
 
     @property
     def ssl(self) -> bool:
@@ -148,8 +160,9 @@ class BenchSpec:
         d = dict(d)
         for k in ("pool", "eval", "out"):
             d[k] = Path(d[k])
-        for k in ("eval_splits", "n_labeled", "labels", "rows"):
-            d[k] = tuple(d[k])
+        for k in ("eval_splits", "n_labeled", "labels", "rows", "inference"):
+            if k in d:
+                d[k] = tuple(d[k])
         return cls(**d)
 
 
@@ -168,6 +181,8 @@ class Cell:
             parts.insert(4, spec.budget().replace(" ", ""))
             if spec.variant:
                 parts.append(spec.variant)
+            if spec.inference != ("plain",):  # a cell scored other ways is another cell (its records differ)
+                parts.append("inference=" + "+".join(spec.inference))
         return "|".join(parts)
 
 
@@ -221,8 +236,9 @@ def _net_config(spec: BenchSpec, row: str) -> Config:
 
 def _run_net(
     spec: BenchSpec, cell: Cell, pool: DataFolder, names: list[str], masks: list[np.ndarray]
-) -> tuple[Callable[[np.ndarray], np.ndarray], dict[str, Any]]:
-    """Train one net cell with ``run_round``, the background trainer's round; returns ``(predict, facts)``.
+) -> tuple[dict[str, Callable[[np.ndarray], np.ndarray]], dict[str, Any]]:
+    """Train one net cell with ``run_round``, the background trainer's round; returns ``(predictors, facts)``,
+    one predictor per mode of ``spec.inference``.
 
     The N labelled images train in the order of the pool split (the order a project lists them in); the rest
     of the pool split is the unlabelled material an objective may learn from, as in a labelling session.
@@ -266,8 +282,9 @@ def _run_net(
     device = training_round.resolve_device(cfg.train.device)
     model = result.model.eval()
 
-    def predict(image: np.ndarray) -> np.ndarray:
-        return predict_mask(model, image, cfg.preprocess, device)
+    def predictor(mode: str) -> Callable[[np.ndarray], np.ndarray]:
+        scales, flip = INFERENCE[mode]
+        return lambda image: predict_mask(model, image, cfg.preprocess, device, scales, flip)
 
     facts = {
         "train_seconds": round(result.seconds, 2),
@@ -291,7 +308,7 @@ def _run_net(
         from labelsmart.training.model import read_checkpoint
 
         facts["ssl"] = read_checkpoint(ssl_checkpoint_path(spec))["metrics"].get("ssl")
-    return predict, facts
+    return {mode: predictor(mode) for mode in spec.inference}, facts
 
 
 def _classes(pool: DataFolder) -> list[dict[str, Any]]:
@@ -421,20 +438,24 @@ def run_cell(spec: BenchSpec, cell: Cell, eval_splits: Sequence[str]) -> list[di
     labelled = int(sum(int((m != IGNORE_INDEX).sum()) for m in masks))
     if cell.row == "rf":
         predict, facts = _run_rf(spec, pool, names, masks)
+        predictors = {"plain": predict}
     elif cell.row in NET_ROWS:
-        predict, facts = _run_net(spec, cell, pool, names, masks)
+        predictors, facts = _run_net(spec, cell, pool, names, masks)
     else:
         raise BenchError(f"--rows {cell.row}: unknown row; use {', '.join(ROWS)}.")
     records = []
-    for split in eval_splits:
+    for split, mode in ((split, mode) for split in eval_splits for mode in predictors):
         eval_names = evald.names(split)
         t0 = time.monotonic()
-        with tqdm(total=len(eval_names), desc=f"  eval {split}", unit="img", file=sys.stderr, leave=False) as bar:
-            res = evaluate(predict, evald, eval_names, bar)
+        with tqdm(
+            total=len(eval_names), desc=f"  eval {split} {mode}", unit="img", file=sys.stderr, leave=False
+        ) as bar:
+            res = evaluate(predictors[mode], evald, eval_names, bar)
         records.append(
             {
                 "row": cell.row,
                 "variant": spec.variant if cell.row in NET_ROWS else "",
+                "inference": mode,
                 "n_labeled": cell.n_labeled,
                 "labels": cell.labels,
                 "eval_split": split,
@@ -553,6 +574,11 @@ def check_spec(spec: BenchSpec) -> None:
         raise BenchError(f"--ssl-steps {spec.ssl_steps}: give 1 or more.")
     if spec.ssl_minutes is not None and not (spec.ssl_minutes > 0 and math.isfinite(spec.ssl_minutes)):
         raise BenchError(f"--ssl-minutes {spec.ssl_minutes}: give a positive number of minutes.")
+    for mode in spec.inference:
+        if mode not in INFERENCE:
+            raise BenchError(f"--inference {mode}: unknown mode; use any of {', '.join(INFERENCE)}.")
+    if not spec.inference:
+        raise BenchError("--inference: give at least one mode, such as plain.")
     for key in spec.overrides:
         if not key.startswith(("train.", "model.", "preprocess.")):
             raise BenchError(f"--set {key}: only train.*, model.* and preprocess.* settings can be changed.")
@@ -667,7 +693,10 @@ def run_benchmark(spec: BenchSpec) -> list[dict[str, Any]]:
 
 
 def _row_name(r: dict[str, Any]) -> str:
-    return f"{r['row']} ({r['variant']})" if r.get("variant") else r["row"]
+    """``row``, ``row (variant)``, ``row (variant, inference)``: what a table calls a record."""
+    details = [r["variant"]] if r.get("variant") else []
+    details += [r["inference"]] if r.get("inference", "plain") != "plain" else []
+    return f"{r['row']} ({', '.join(details)})" if details else r["row"]
 
 
 def _groups(records: list[dict[str, Any]]) -> dict[tuple[str, str, str], list[dict[str, Any]]]:

@@ -12,11 +12,13 @@ a GPU, it and the rest of validation run on the CPU (warnings say so, and the me
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import logging
 from collections.abc import Sequence
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
 
@@ -42,16 +44,53 @@ def free_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-@torch.inference_mode()
-def predict_mask(model: SegModel, image: np.ndarray, pp: PreprocessConfig, device: torch.device) -> np.ndarray:
-    """Class ids ``(H, W)`` of an RGB uint8 image, made exactly as the predictor makes them (prepare -> model ->
-    logits_to_mask); the model must be in eval mode."""
+def _logits(model: SegModel, x: np.ndarray, device: torch.device) -> np.ndarray:
+    """The network's logits ``(K, Hp, Wp)`` float32 of one prepared input ``(3, Hp, Wp)``."""
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-    x, meta = imageio.prepare(image, pp)  # (3, Hp, Wp)
     with autocast:
         logits = model(torch.from_numpy(x)[None].to(device))  # (1, K, Hp, Wp)
-    mask, _ = imageio.logits_to_mask(logits[0].float().cpu().numpy(), meta)  # (H, W)
-    return mask
+    return logits[0].float().cpu().numpy()
+
+
+@torch.inference_mode()
+def predict_mask(
+    model: SegModel,
+    image: np.ndarray,
+    pp: PreprocessConfig,
+    device: torch.device,
+    scales: Sequence[float] = (1.0,),
+    flip: bool = False,
+) -> np.ndarray:
+    """Class ids ``(H, W)`` of an RGB uint8 image, made exactly as the predictor makes them (prepare -> model ->
+    logits_to_mask); the model must be in eval mode.
+
+    ``scales`` other than ``(1.0,)`` or ``flip`` average instead the class probabilities of several passes (test-time
+    augmentation, which the predictor does not do; the label-efficiency benchmark measures what it would gain): the
+    image at each working scale ``scale * pp.max_side``, and with ``flip`` mirrored left-right too (its probabilities
+    mirrored back), each resized to the image's size. With ``flip`` the mask of a mirrored image is the mirrored mask.
+    """
+    if tuple(scales) == (1.0,) and not flip:
+        x, meta = imageio.prepare(image, pp)  # (3, Hp, Wp)
+        mask, _ = imageio.logits_to_mask(_logits(model, x, device), meta)  # (H, W)
+        return mask
+
+    def probabilities(img: np.ndarray, scaled: PreprocessConfig) -> np.ndarray:  # (H, W, K) float32
+        x, meta = imageio.prepare(img, scaled)
+        h, w = meta.work_hw
+        probs = imageio.softmax(np.ascontiguousarray(_logits(model, x, device)[:, :h, :w]))  # (K, h, w)
+        probs = cv2.resize(np.ascontiguousarray(probs.transpose(1, 2, 0)), meta.orig_hw[::-1])  # (H, W, K)
+        return probs.reshape(*meta.orig_hw, -1)  # OpenCV drops a single class's axis
+
+    total: np.ndarray | None = None
+    for scale in scales:
+        scaled = dataclasses.replace(pp, max_side=max(pp.pad_multiple, round(scale * pp.max_side)))
+        probs = probabilities(image, scaled)
+        if flip:  # one sum per scale, so that a mirrored image's sums are these mirrored, to the last bit
+            probs = probs + probabilities(np.ascontiguousarray(image[:, ::-1]), scaled)[:, ::-1]
+        total = probs if total is None else total + probs
+    if total is None:
+        raise ValueError("predict_mask: scales is empty; give at least one scale, such as (1.0,).")
+    return total.argmax(axis=2).astype(np.uint8)
 
 
 @torch.inference_mode()

@@ -239,3 +239,35 @@ def test_ce_only_is_plain_cross_entropy_whatever_set_turned_on() -> None:
     assert (plain.pretrain_fraction, plain.contrastive_weight, plain.pseudo_weight) == (0.0, 0.0, 0.0)
     assert (plain.unlabelled_weight, plain.class_balance, plain.crf_weight) == (0.0, 0.0, 0.0)
     assert plain.steps == on.steps and plain.crop == on.crop  # the rest of the round is the same
+
+
+def test_inference_modes_score_one_trained_network_several_ways(data: Path, tmp_path: Path, monkeypatch):
+    from labelsmart.training import round as training_round
+
+    trained: list[int] = []
+    real = training_round.run_round
+
+    def spy(cfg, data, version, **kw):
+        trained.append(version)
+        return real(cfg, data, version, **kw)
+
+    monkeypatch.setattr(training_round, "run_round", spy)
+    out = tmp_path / "out"
+    spec = _spec(
+        data, out, rows=("labelsmart", "rf"), labels=("scribble",), steps=2, overrides=NET_SETTINGS,
+        eval_splits=("val", "val_b"), inference=("plain", "flip"),
+    )  # fmt: skip
+    records = labeleff.run_benchmark(spec)
+    assert len(trained) == 1  # one network, scored twice on each split
+    net = [(r["eval_split"], r["inference"]) for r in records if r["row"] == "labelsmart"]
+    assert net == [("val", "plain"), ("val", "flip"), ("val_b", "plain"), ("val_b", "flip")]
+    assert [r["inference"] for r in records if r["row"] == "rf"] == ["plain", "plain"]  # the forest has one way
+    assert records[0]["cell"].endswith("|inference=plain+flip")
+    table = (out / "table.md").read_text()
+    assert "| labelsmart (flip) | scribble |" in table and "| labelsmart | scribble |" in table
+    # the same cell scored the plain way only is another cell; an unknown mode is refused before anything trains
+    plain = dataclasses.replace(spec, inference=("plain",))
+    assert Cell("labelsmart", 2, "scribble").key(spec) != Cell("labelsmart", 2, "scribble").key(plain)
+    with pytest.raises(labeleff.BenchError, match="--inference mirror: unknown mode"):
+        labeleff.run_benchmark(dataclasses.replace(spec, inference=("mirror",)))
+    assert len(trained) == 1

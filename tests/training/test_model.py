@@ -3,6 +3,7 @@
 import dataclasses
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -74,3 +75,31 @@ def test_encoder_weights_from_a_local_file(tmp_path: Path) -> None:
         torch.testing.assert_close(model.net.encoder.state_dict()[k], v)
     with pytest.raises(ValueError, match="nothing is downloaded"):
         build_model(ModelConfig(encoder_weights="imagenet"), 2)
+
+
+def test_test_time_averaging_is_mirror_equivariant_and_plain_is_the_predictors_pass() -> None:
+    """predict_mask with ``flip`` gives a mirrored image the mirrored mask (a plain pass need not); with several
+    scales too; the plain pass is the argmax of the logits at the one working scale."""
+    from labelsmart import imageio
+    from labelsmart.config import ModelConfig, PreprocessConfig
+    from labelsmart.training.model import build_model
+    from labelsmart.training.validation import predict_mask
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(decoder_channels=16), num_classes=3).eval()
+    pp = PreprocessConfig(max_side=96)
+    cpu = torch.device("cpu")
+    image = np.random.default_rng(0).integers(0, 256, (70, 90, 3), dtype=np.uint8)  # not a multiple of 32
+    mirror = np.ascontiguousarray(image[:, ::-1])
+    plain = predict_mask(model, image, pp, cpu)
+    x, meta = imageio.prepare(image, pp)
+    with torch.inference_mode():
+        logits = model(torch.from_numpy(x)[None])[0].numpy()
+    assert np.array_equal(plain, imageio.logits_to_mask(logits, meta)[0])
+    assert not np.array_equal(predict_mask(model, mirror, pp, cpu), plain[:, ::-1])  # a random net is not symmetric
+    for scales in ((1.0,), (0.75, 1.0, 1.25)):
+        averaged = predict_mask(model, image, pp, cpu, scales, flip=True)
+        assert averaged.shape == image.shape[:2] and averaged.dtype == np.uint8
+        assert np.array_equal(predict_mask(model, mirror, pp, cpu, scales, flip=True), averaged[:, ::-1])
+    with pytest.raises(ValueError, match="scales is empty"):
+        predict_mask(model, image, pp, cpu, (), flip=False)
