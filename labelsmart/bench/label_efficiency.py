@@ -300,6 +300,7 @@ def _run_net(
         "device": result.device,
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "threads": torch.get_num_threads(),
+        "autocast": training_round.autocast_name(cfg.train.precision, device),
         "train_config": dataclasses.asdict(cfg.train),
         "model_config": dataclasses.asdict(cfg.model),
         "max_side": cfg.preprocess.max_side,

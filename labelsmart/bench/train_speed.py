@@ -15,10 +15,11 @@ The data loader is not part of it: the batch is made once and fed to every step.
 3. steps for ``seconds`` of wall time (at least :data:`MIN_STEPS`); steps/s from the median step time and from
    the mean.
 
-The peak is the float32 throughput of a large square matrix product at the same thread count, measured once per
-run (:func:`labelsmart.bench.serve.peak_flops` on the CPU, the home of that figure; on CUDA :func:`cuda_peak_flops`,
-float32 and bfloat16, and the share is against bfloat16 because the step runs under bf16 autocast there). Each
-variant reports achieved GFLOP/s = FLOPs per step x steps/s and its share of the peak.
+The peak is the throughput of a large square matrix product at the same thread count, measured once per run
+(:func:`labelsmart.bench.serve.peak_flops` in float32 on the CPU, the home of that figure, and
+:func:`cpu_bf16_peak_flops` in bfloat16 where the CPU has native bfloat16; on CUDA :func:`cuda_peak_flops`, float32
+and bfloat16). Each variant reports achieved GFLOP/s = FLOPs per step x steps/s and its share of the peak of the
+dtype its step runs in (``train.precision``: under bf16 autocast, the bfloat16 peak).
 
 Each variant runs in its own spawned process (so compile caches, thread pools and memory do not leak from one to
 the next, and its peak resident memory is its own); a variant that fails is recorded with its error and the run
@@ -73,6 +74,8 @@ class Variant:
     compile: bool = False  # torch.compile (default mode) of the network
     crop: int | None = None  # overrides train.crop
     batch_size: int | None = None  # overrides train.batch_size
+    precision: str | None = None  # overrides train.precision (fp32 | bf16)
+    encoder: str | None = None  # overrides model.encoder
 
 
 VARIANTS: dict[str, Variant] = {
@@ -85,6 +88,15 @@ VARIANTS: dict[str, Variant] = {
         Variant("unet", "Unet decoder on the same encoder, eager, contiguous", arch="Unet"),
         Variant("deeplabv3plus-crop128", "the shipped network at crop 128", crop=128),
         Variant("deeplabv3plus-batch8", "the shipped network at batch 8", batch_size=8),
+        Variant("deeplabv3plus-fp32", "the shipped network in float32 arithmetic", precision="fp32"),
+        Variant("deeplabv3plus-bf16", "the shipped network under bfloat16 autocast", precision="bf16"),
+        Variant("resnet10t", "DeepLabV3+ on timm's ResNet-10-T encoder (tu-resnet10t)", encoder="tu-resnet10t"),
+        Variant(
+            "resnet10t-fp32",
+            "DeepLabV3+ on ResNet-10-T in float32 arithmetic",
+            encoder="tu-resnet10t",
+            precision="fp32",
+        ),
     )
 }
 DEFAULT_VARIANTS = tuple(VARIANTS)
@@ -151,8 +163,10 @@ def variant_config(spec: SpeedSpec, variant: Variant) -> Config:
         tc,
         crop=variant.crop if variant.crop is not None else tc.crop,
         batch_size=variant.batch_size if variant.batch_size is not None else tc.batch_size,
+        precision=variant.precision if variant.precision is not None else tc.precision,
     )
-    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, arch=variant.arch), train=tc)
+    model = dataclasses.replace(cfg.model, arch=variant.arch, encoder=variant.encoder or cfg.model.encoder)
+    return dataclasses.replace(cfg, model=model, train=tc)
 
 
 def check_spec(spec: SpeedSpec) -> None:
@@ -329,7 +343,9 @@ def time_steps(step: Callable[[], Any], sync: Callable[[], None], warmup: int, s
 
 def _variant_facts(spec: SpeedSpec, variant: Variant, cfg: Config, device: str) -> dict[str, Any]:
     """What a record says about the variant whatever its outcome."""
-    from labelsmart.training.round import crops_per_batch
+    import torch
+
+    from labelsmart.training.round import autocast_name, crops_per_batch
 
     return {
         "variant": variant.name,
@@ -342,7 +358,7 @@ def _variant_facts(spec: SpeedSpec, variant: Variant, cfg: Config, device: str) 
         "batch_size": crops_per_batch(cfg.train),
         "memory_format": "channels_last" if variant.channels_last else "contiguous",
         "compiled": variant.compile,
-        "autocast": "bfloat16" if device == "cuda" else None,
+        "autocast": autocast_name(cfg.train.precision, torch.device(device)),
         "class_weighted": cfg.train.class_balance > 0,
         "device": device,
         "threads": thread_count(spec.threads),
@@ -499,14 +515,47 @@ def measure_peak(device: str, threads: int, n: int = PEAK_SIZE) -> dict[str, Any
             "peak_size": n,
         }
     from labelsmart.bench.serve import peak_flops
+    from labelsmart.training.round import cpu_has_bf16
 
     f32 = peak_flops(threads, n=n)
+    bf16 = cpu_bf16_peak_flops(threads, n) if cpu_has_bf16() else None
     return {
         "peak_gflops": round(f32 / 1e9, 2),
         "peak_dtype": "float32",
         "peak_float32_gflops": round(f32 / 1e9, 2),
+        "peak_bfloat16_gflops": round(bf16 / 1e9, 2) if bf16 is not None else None,
         "peak_size": n,
     }
+
+
+def cpu_bf16_peak_flops(threads: int, n: int = PEAK_SIZE, repeat: int = 5) -> float:
+    """Measured FLOP/s of an ``n`` x ``n`` x ``n`` bfloat16 matrix product on the CPU with ``threads`` threads (on a
+    CPU with native bfloat16 arithmetic), best of ``repeat`` timed runs after one untimed."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        g = torch.Generator().manual_seed(0)
+        a = torch.randn(n, n, generator=g).to(torch.bfloat16)
+        b = torch.randn(n, n, generator=g).to(torch.bfloat16)
+        torch.mm(a, b)
+        best = math.inf
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            torch.mm(a, b)
+            best = min(best, time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(before)
+    return 2.0 * n**3 / best
+
+
+def dtype_peak(peak: dict[str, Any], autocast: str | None) -> float:
+    """The peak (GFLOP/s) a variant's share is against: the peak of its autocast dtype where it was measured, else
+    the run's peak."""
+    if autocast is None:
+        return peak["peak_float32_gflops"]
+    return peak.get(f"peak_{autocast}_gflops") or peak["peak_gflops"]
 
 
 # ------------------------------------------------------------------------------------------------ the run
@@ -541,7 +590,7 @@ def run_benchmark(spec: SpeedSpec) -> list[dict[str, Any]]:
                 rec = {**_variant_facts(spec, VARIANTS[name], variant_config(spec, VARIANTS[name]), device)}
                 rec["error"] = str(exc)
             if rec.get("error") is None:
-                rec["peak_share"] = round(rec["achieved_gflops"] / peak["peak_gflops"], 4)
+                rec["peak_share"] = round(rec["achieved_gflops"] / dtype_peak(peak, rec["autocast"]), 4)
             records.append({**rec, **peak, **where})
             write_results(spec.out, records)
             bar.update(1)
@@ -570,13 +619,16 @@ def format_table(records: Sequence[dict[str, Any]]) -> str:
     lines = [
         head,
         "",
-        "| variant | arch | batch x crop | memory | compiled | GFLOP/step | first step s | steps/s (median) "
+        "| variant | arch | batch x crop | memory | compiled | dtype | GFLOP/step | first step s | steps/s (median) "
         "| steps/s (mean) | images/s | GFLOP/s | % of peak |",
-        "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in records:
         shape = f"{r['batch_size']} x {r['crop']}"
-        where = f"| {r['variant']} | {r['arch']} | {shape} | {r['memory_format']} | {'yes' if r['compiled'] else 'no'} "
+        where = (
+            f"| {r['variant']} | {r['arch']} | {shape} | {r['memory_format']} | {'yes' if r['compiled'] else 'no'} "
+            f"| {r.get('autocast') or 'float32'} "
+        )
         if r.get("error"):
             lines.append(where + f"| failed: {r['error'].replace('|', '/')} |" + " |" * 6)
             continue

@@ -121,6 +121,44 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+PRECISIONS = ("auto", "fp32", "bf16")  # train.precision
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX-512 BF16 or AMX tiles), so bf16 autocast pays on it."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch.cpu's capability checks (torch >= 2.1)
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The dtype a training step autocasts to on ``device`` under ``train.precision`` (None: plain float32).
+
+    Raises:
+        ValueError: ``precision`` is none of :data:`PRECISIONS`.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(
+            f"train.precision is {precision!r}; set LABELSMART_TRAIN_PRECISION to one of {', '.join(PRECISIONS)}."
+        )
+    if precision == "fp32":
+        return None
+    if precision == "bf16" or device.type == "cuda" or cpu_has_bf16():
+        return torch.bfloat16
+    return None
+
+
+def autocast_name(precision: str, device: torch.device) -> str | None:
+    """:func:`autocast_dtype` as records spell it: ``"bfloat16"``, or None for plain float32."""
+    dtype = autocast_dtype(precision, device)
+    return str(dtype).removeprefix("torch.") if dtype is not None else None
+
+
+def training_autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """The context a training step runs its forward pass in (:func:`autocast_dtype`)."""
+    dtype = autocast_dtype(precision, device)
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
 def sample_unlabelled(items: Sequence[T], limit: int, seed: int) -> list[T]:
     """At most ``limit`` of ``items``: all of them (in order) when they fit, else a seeded draw without
     replacement (in draw order; callers sort it as they list images)."""
@@ -399,7 +437,7 @@ def network_and_optimiser(
     ce_weight: Tensor | None = None,
 ) -> tuple[StepContext, torch.optim.Optimizer]:
     """The network (warm-started from ``init_checkpoint`` if it exists and fits) on the device in train mode, its
-    AdamW optimiser, and the step context every objective takes (bf16 autocast on CUDA; channels-last on CUDA
+    AdamW optimiser, and the step context every objective takes (autocast by ``train.precision``; channels-last on CUDA
     unless ``memory_format`` says otherwise). Rounds, self-supervised pretraining and ``bench train-speed`` all
     start here."""
     tc = cfg.train
@@ -411,7 +449,7 @@ def network_and_optimiser(
         warm_start(model, Path(init_checkpoint))
     model.to(device, memory_format=memory_format).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+    autocast = training_autocast(tc.precision, device)
     generator = torch.Generator().manual_seed(tc.seed)
     ctx = StepContext(model, tc, device, generator, memory_format, autocast, ce_weight, cfg.preprocess.std)
     return ctx, optimizer

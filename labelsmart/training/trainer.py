@@ -407,6 +407,11 @@ class TrainerLoop:
 
 def make_loop(cfg: Config, store: Store) -> TrainerLoop:
     """The trainer's loop for ``trigger.mode``: the continuous trainer, or rounds."""
+    import torch
+
+    from labelsmart.training.round import autocast_dtype
+
+    autocast_dtype(cfg.train.precision, torch.device("cpu"))  # a bad train.precision stops here, in one sentence
     mode = cfg.trigger.mode
     if mode == "continuous":
         from labelsmart.training.continuous import ContinuousTrainer

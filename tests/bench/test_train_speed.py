@@ -53,6 +53,21 @@ def test_two_variants_give_one_record_each_with_counts_speed_and_peak(tmp_path: 
     assert "deeplabv3plus-cl" in table and "% of peak" in table
 
 
+def test_precision_variants_say_their_dtype_and_count_the_same_flops(tmp_path: Path):
+    out = tmp_path / "speed"
+    argv = ["bench", "train-speed", "--variants", "deeplabv3plus-fp32,deeplabv3plus-bf16", "--in-process"]
+    assert bench_main(argv + ["--out", str(out)] + TINY) == 0
+    fp32, bf16 = _records(out)
+    assert (fp32["autocast"], bf16["autocast"]) == (None, "bfloat16")
+    assert fp32["flops_per_step"] == bf16["flops_per_step"]  # the same arithmetic in another dtype
+    assert fp32["steps_per_s"] > 0 and bf16["steps_per_s"] > 0 and bf16["peak_share"] > 0
+    if bf16["peak_bfloat16_gflops"] is not None:  # a CPU with native bfloat16: the share is against its peak
+        assert bf16["peak_share"] == pytest.approx(bf16["achieved_gflops"] / bf16["peak_bfloat16_gflops"], rel=1e-3)
+    assert fp32["peak_share"] == pytest.approx(fp32["achieved_gflops"] / fp32["peak_float32_gflops"], rel=1e-3)
+    table = (out / train_speed.TABLE_NAME).read_text()
+    assert "| bfloat16 |" in table and "| float32 |" in table
+
+
 def test_a_failing_variant_is_recorded_and_the_run_goes_on(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     out = tmp_path / "speed"
     argv = ["bench", "train-speed", "--variants", "deeplabv3plus,fpn", "--in-process", "--out", str(out)]

@@ -270,3 +270,5 @@ def test_the_mode_setting_picks_the_loop(tiny_cfg, mode):
     assert isinstance(loop, ContinuousTrainer) == (mode == "continuous") and isinstance(loop, TrainerLoop)
     with pytest.raises(ValueError, match="LABELSMART_TRIGGER_MODE"):
         make_loop(dataclasses.replace(tiny_cfg, trigger=dataclasses.replace(tiny_cfg.trigger, mode="x")), None)
+    with pytest.raises(ValueError, match="LABELSMART_TRAIN_PRECISION"):  # refused before the trainer starts
+        make_loop(dataclasses.replace(tiny_cfg, train=dataclasses.replace(tiny_cfg.train, precision="fp8")), None)

@@ -312,3 +312,46 @@ def test_an_uncapped_plan_keeps_its_steps() -> None:
     for _ in range(10):
         budget.record(FINETUNE, 1.0, 5.0)
     assert budget.planned[FINETUNE] == 50
+
+
+@pytest.mark.parametrize(
+    ("precision", "has_bf16", "want"),
+    [
+        ("fp32", True, None),
+        ("bf16", False, torch.bfloat16),
+        ("auto", True, torch.bfloat16),
+        ("auto", False, None),
+    ],
+)
+def test_precision_picks_the_autocast_dtype_of_the_step(tiny_cfg, monkeypatch, precision, has_bf16, want) -> None:
+    from labelsmart.training import round as training_round
+
+    monkeypatch.setattr(training_round, "cpu_has_bf16", lambda: has_bf16)
+    cpu = torch.device("cpu")
+    assert training_round.autocast_dtype(precision, cpu) == want
+    cfg = config.load({**_args(tiny_cfg), "train.precision": precision}, env={})
+    ctx, _ = training_round.network_and_optimiser(cfg, 3, cpu)
+    with ctx.autocast:
+        logits = ctx.model(torch.rand(2, 3, 64, 64))
+    assert logits.dtype == (want or torch.float32)  # the forward pass runs in the dtype picked
+    assert all(p.dtype == torch.float32 for p in ctx.model.parameters())  # the weights stay float32
+
+
+def test_auto_precision_is_bf16_on_cuda_and_a_bad_value_is_one_sentence(monkeypatch) -> None:
+    from labelsmart.training import round as training_round
+
+    monkeypatch.setattr(training_round, "cpu_has_bf16", lambda: False)
+    assert training_round.autocast_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    with pytest.raises(ValueError, match=r"train.precision is 'fp16'; set LABELSMART_TRAIN_PRECISION to one of"):
+        training_round.autocast_dtype("fp16", torch.device("cpu"))
+
+
+def test_a_bf16_round_trains_and_saves_float32_weights(project, tmp_path: Path) -> None:
+    torch.set_num_threads(1)
+    cfg, store = project
+    bf16 = config.load({**_args(cfg), "train.pretrain_fraction": 0.0, "train.precision": "bf16"}, env={})
+    result, checkpoint = train_round(bf16, store, 1, tmp_path / "v1", steps=3)
+    assert result.steps == 3 and np.isfinite(result.metrics["train_loss"])
+    model, _ = load_checkpoint(checkpoint)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert model(torch.rand(1, 3, 64, 64)).dtype == torch.float32  # served in float32, as exported
