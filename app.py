@@ -125,7 +125,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--port", type=int, help="port (default 7860)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="training device (default auto)")
     p.add_argument("--arch", help="smp architecture (default DeepLabV3Plus)")
-    p.add_argument("--encoder", help="smp encoder (default resnet18)")
+    p.add_argument("--encoder", help="smp / timm encoder (default tu-resnet10t)")
     p.add_argument("--encoder-weights", dest="encoder_weights", help="local encoder weights file")
     p.add_argument("--author", help="name recorded with each saved label revision")
     p.add_argument("--no-trainer", action="store_true", help="do not start the background trainer")

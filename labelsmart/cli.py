@@ -429,7 +429,7 @@ def _add_train(sub: SubParsers) -> None:
     t.add_argument("--minutes", type=float, help="wall-clock cap of the round in minutes")
     t.add_argument("--device", choices=("auto", "cpu", "cuda"), help="training device")
     t.add_argument("--arch", help="segmentation_models_pytorch architecture (DeepLabV3Plus, Unet, FPN, ...)")
-    t.add_argument("--encoder", help="encoder name (resnet18, ...)")
+    t.add_argument("--encoder", help="encoder name (tu-resnet10t, resnet18, ...)")
     t.add_argument("--max-side", dest="max_side", type=int, help="working scale: longer image side in pixels")
     t.add_argument("--threads", type=int, help="CPU threads for training (0 = all cores)")
     t.set_defaults(func=cmd_train)

@@ -26,7 +26,11 @@ class ModelConfig:
     """Network built by :func:`labelsmart.training.model.build_model` (segmentation_models_pytorch)."""
 
     arch: str = "DeepLabV3Plus"  # any smp architecture name: DeepLabV3Plus, Unet, FPN, ...
-    encoder: str = "resnet18"  # any smp / timm ("tu-...") encoder name
+    # any smp / timm ("tu-...") encoder name; timm's ResNet-10-T (one block per stage, a three-convolution stem) trains
+    # 1.4x the steps of ResNet-18 in the same minutes and gave +2.6 mIoU on a new CamVid street (three seeds), level
+    # on ISBI EM, from random initialisation (BENCHMARKS.md, "Label efficiency, ninth pass"); with ImageNet weights
+    # (encoder_weights) give the encoder they are for, e.g. resnet18
+    encoder: str = "tu-resnet10t"
     encoder_weights: str | None = None  # path to a local weights file; nothing is downloaded
     decoder_channels: int = 128  # width of the decoder features that feed both heads
     proj_dim: int = 256  # projection head width (contrastive pretraining only)

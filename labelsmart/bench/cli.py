@@ -387,7 +387,7 @@ def register(sub: SubParsers) -> None:
         "--variants",
         default="all",
         help="variant names, comma-separated, or all (default): deeplabv3plus, its -cl, -compile, -crop128, -batch8, "
-        "-fp32, -bf16, fpn, unet, resnet10t, resnet10t-fp32 (labelsmart/bench/train_speed.py)",
+        "-fp32, -bf16, fpn, unet, resnet18, resnet18-fp32 (labelsmart/bench/train_speed.py)",
     )
     ts.add_argument("--seconds", type=float, default=20.0, help="timed wall time per variant (default 20)")
     ts.add_argument("--warmup", type=int, default=3, help="untimed steps first; compilation needs several (default 3)")

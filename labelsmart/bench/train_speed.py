@@ -90,13 +90,8 @@ VARIANTS: dict[str, Variant] = {
         Variant("deeplabv3plus-batch8", "the shipped network at batch 8", batch_size=8),
         Variant("deeplabv3plus-fp32", "the shipped network in float32 arithmetic", precision="fp32"),
         Variant("deeplabv3plus-bf16", "the shipped network under bfloat16 autocast", precision="bf16"),
-        Variant("resnet10t", "DeepLabV3+ on timm's ResNet-10-T encoder (tu-resnet10t)", encoder="tu-resnet10t"),
-        Variant(
-            "resnet10t-fp32",
-            "DeepLabV3+ on ResNet-10-T in float32 arithmetic",
-            encoder="tu-resnet10t",
-            precision="fp32",
-        ),
+        Variant("resnet18", "DeepLabV3+ on ResNet-18 (the default encoder until the ninth pass)", encoder="resnet18"),
+        Variant("resnet18-fp32", "DeepLabV3+ on ResNet-18 in float32 arithmetic", encoder="resnet18", precision="fp32"),
     )
 }
 DEFAULT_VARIANTS = tuple(VARIANTS)
