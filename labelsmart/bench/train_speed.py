@@ -17,7 +17,7 @@ The data loader is not part of it: the batch is made once and fed to every step.
 
 The peak is the throughput of a large square matrix product at the same thread count, measured once per run
 (:func:`labelsmart.bench.serve.peak_flops` in float32 on the CPU, the home of that figure, and
-:func:`cpu_bf16_peak_flops` in bfloat16 where the CPU has native bfloat16; on CUDA :func:`cuda_peak_flops`, float32
+:func:`mm_peak_flops` in bfloat16 where the CPU has native bfloat16; on CUDA :func:`mm_peak_flops`, float32
 and bfloat16). Each variant reports achieved GFLOP/s = FLOPs per step x steps/s and its share of the peak of the
 dtype its step runs in (``train.precision``: under bf16 autocast, the bfloat16 peak).
 
@@ -477,43 +477,58 @@ def _run_in_process(spec: SpeedSpec, name: str) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------ the peak
 
 
-def cuda_peak_flops(dtype: Any, n: int = PEAK_SIZE, repeat: int = 5) -> float:
-    """Measured FLOP/s of an ``n`` x ``n`` x ``n`` matrix product on the current GPU in ``dtype``, best of
-    ``repeat`` timed runs after one untimed (float32 without TF32, PyTorch's default for matrix products)."""
+def mm_peak_flops(dtype: Any, device: str = "cuda", n: int = PEAK_SIZE, repeat: int = 5, threads: int = 0) -> float:
+    """Measured FLOP/s of an ``n`` x ``n`` x ``n`` matrix product in ``dtype`` on ``device``, best of ``repeat`` timed
+    runs after one untimed: on CUDA float32 (without TF32, PyTorch's default for matrix products) and bfloat16, on
+    the CPU bfloat16 with ``threads`` threads (float32 there is :func:`labelsmart.bench.serve.peak_flops`)."""
     import torch
 
-    a = torch.randn(n, n, device="cuda", dtype=dtype)
-    b = torch.randn(n, n, device="cuda", dtype=dtype)
-    torch.mm(a, b)
-    best = math.inf
-    for _ in range(repeat):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        g = torch.Generator().manual_seed(0)
+        a = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
+        b = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
         torch.mm(a, b)
-        torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
+        best = math.inf
+        for _ in range(repeat):
+            sync()
+            t0 = time.perf_counter()
+            torch.mm(a, b)
+            sync()
+            best = min(best, time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(before)
     return 2.0 * n**3 / best
 
 
 def measure_peak(device: str, threads: int, n: int = PEAK_SIZE) -> dict[str, Any]:
-    """The peak each variant's share is against: ``{"peak_gflops", "peak_dtype", "peak_float32_gflops",
-    "peak_size"}``; on the CPU float32 at ``threads`` threads, on CUDA bfloat16 (the step's autocast dtype)."""
+    """The peaks the variants' shares are against: ``{"peak_gflops", "peak_dtype", "peak_float32_gflops",
+    "peak_bfloat16_gflops", "peak_size"}``; ``peak_gflops`` is float32 on the CPU at ``threads`` threads, bfloat16 on
+    CUDA; the bfloat16 peak is None on a CPU without native bfloat16."""
     if device == "cuda":
         import torch
 
-        f32 = cuda_peak_flops(torch.float32, n)
-        bf16 = cuda_peak_flops(torch.bfloat16, n)
+        f32 = mm_peak_flops(torch.float32, "cuda", n)
+        bf16 = mm_peak_flops(torch.bfloat16, "cuda", n)
         return {
             "peak_gflops": round(bf16 / 1e9, 2),
             "peak_dtype": "bfloat16",
             "peak_float32_gflops": round(f32 / 1e9, 2),
+            "peak_bfloat16_gflops": round(bf16 / 1e9, 2),
             "peak_size": n,
         }
     from labelsmart.bench.serve import peak_flops
     from labelsmart.training.round import cpu_has_bf16
 
     f32 = peak_flops(threads, n=n)
-    bf16 = cpu_bf16_peak_flops(threads, n) if cpu_has_bf16() else None
+    bf16 = None
+    if cpu_has_bf16():
+        import torch
+
+        bf16 = mm_peak_flops(torch.bfloat16, "cpu", n, threads=threads)
     return {
         "peak_gflops": round(f32 / 1e9, 2),
         "peak_dtype": "float32",
@@ -521,28 +536,6 @@ def measure_peak(device: str, threads: int, n: int = PEAK_SIZE) -> dict[str, Any
         "peak_bfloat16_gflops": round(bf16 / 1e9, 2) if bf16 is not None else None,
         "peak_size": n,
     }
-
-
-def cpu_bf16_peak_flops(threads: int, n: int = PEAK_SIZE, repeat: int = 5) -> float:
-    """Measured FLOP/s of an ``n`` x ``n`` x ``n`` bfloat16 matrix product on the CPU with ``threads`` threads (on a
-    CPU with native bfloat16 arithmetic), best of ``repeat`` timed runs after one untimed."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        g = torch.Generator().manual_seed(0)
-        a = torch.randn(n, n, generator=g).to(torch.bfloat16)
-        b = torch.randn(n, n, generator=g).to(torch.bfloat16)
-        torch.mm(a, b)
-        best = math.inf
-        for _ in range(repeat):
-            t0 = time.perf_counter()
-            torch.mm(a, b)
-            best = min(best, time.perf_counter() - t0)
-    finally:
-        torch.set_num_threads(before)
-    return 2.0 * n**3 / best
 
 
 def dtype_peak(peak: dict[str, Any], autocast: str | None) -> float:
