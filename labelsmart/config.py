@@ -110,8 +110,8 @@ class TrainConfig:
     crf_downsample: int = 2
     device: str = "auto"  # auto | cpu | cuda
     # Arithmetic of the training step: fp32, or bf16 autocast (weights, optimiser and losses stay float32). auto is
-    # bf16 on CUDA and on a CPU that multiplies bfloat16 natively (AVX-512 BF16 or AMX), fp32 on other CPUs, where
-    # bf16 is emulated and slower (BENCHMARKS.md, "Label efficiency, ninth pass")
+    # bf16 on CUDA and on a CPU that multiplies bfloat16 natively (AVX-512 BF16 or AMX), fp32 on other CPUs, which
+    # have no bfloat16 instructions (bf16 was not measured there; BENCHMARKS.md, "Label efficiency, ninth pass")
     precision: str = "auto"  # auto | fp32 | bf16
     # On CUDA, augment the labelled crops on the GPU (training.device_data) rather than in CPU loader workers, which
     # left a GPU round input-bound; the CPU keeps the loader (there the torch path is the slower one)
