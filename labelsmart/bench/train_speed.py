@@ -17,9 +17,9 @@ The data loader is not part of it: the batch is made once and fed to every step.
 
 The peak is the throughput of a large square matrix product at the same thread count, measured once per run
 (:func:`labelsmart.bench.serve.peak_flops` in float32 on the CPU, the home of that figure, and
-:func:`mm_peak_flops` in bfloat16 where the CPU has native bfloat16; on CUDA :func:`mm_peak_flops`, float32
-and bfloat16). Each variant reports achieved GFLOP/s = FLOPs per step x steps/s and its share of the peak of the
-dtype its step runs in (``train.precision``: under bf16 autocast, the bfloat16 peak).
+:func:`mm_peak_flops` for the rest: bfloat16 where the CPU has native bfloat16, float32 and bfloat16 on CUDA).
+Each variant reports achieved GFLOP/s = FLOPs per step x steps/s and its share of the peak of the dtype its step
+runs in (``train.precision``: under bf16 autocast, the bfloat16 peak).
 
 Each variant runs in its own spawned process (so compile caches, thread pools and memory do not leak from one to
 the next, and its peak resident memory is its own); a variant that fails is recorded with its error and the run
