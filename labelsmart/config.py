@@ -131,7 +131,8 @@ class TriggerConfig:
     pause while there are labels; a save joins the training set at the next poll. A version is published
 
     - the first time after ``first_publish_steps`` steps (the first pre-annotation comes quickly),
-    - then after ``publish_min_steps`` steps on labels the served version has not seen,
+    - then ``publish_min_steps`` steps after the oldest save the served version has not seen (newer saves do not
+      put it off),
     - or every ``publish_every_s`` of further training without new labels,
     - at most every ``publish_min_interval_s``, and at once on "Train now";
 

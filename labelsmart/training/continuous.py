@@ -275,6 +275,7 @@ class Candidate:
     train_images: int
     loss: float | None
     reason: str
+    absorbed: int = 0  # the trainer's count of label changes taken in when the candidate was made
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
@@ -384,7 +385,11 @@ class ContinuousTrainer(TrainerLoop):
         self.batch_size = crops_per_batch(cfg.train)
         self.steps = 0  # optimisation steps of this process
         self.absorbed = 0  # label changes taken in
-        self.steps_at_absorb = 0
+        # (absorb count, steps then) of each label change the served version has not seen, oldest first: the
+        # "new labels" rule counts steps from the oldest, so saves that come faster than publish_min_steps steps
+        # cannot put a publish off for ever
+        self.unserved: list[tuple[int, int]] = []
+        self.served_absorbed = 0  # label changes the newest published version had taken in (publisher thread)
         self.absorbed_at: float | None = None  # clock of the newest change of labels
         self.published_at: float | None = None
         self.published_revisions: tuple | None = None  # labels of the newest published version
@@ -585,7 +590,7 @@ class ContinuousTrainer(TrainerLoop):
         if not self.pool.refresh():
             return False
         self.absorbed += 1
-        self.steps_at_absorb = self.steps
+        self.unserved.append((self.absorbed, self.steps))
         self.absorbed_at = self.clock()
         if self.model is None:
             self._build(num_classes)
@@ -608,7 +613,8 @@ class ContinuousTrainer(TrainerLoop):
             return "Train now"
         new_labels = self.pool.snapshot is not None and self.pool.snapshot.revisions != self.published_revisions
         first = self.published_at is None and self.store.latest_published() is None
-        on_new = self.steps - self.steps_at_absorb
+        self.unserved = [u for u in self.unserved if u[0] > self.served_absorbed]
+        on_new = self.steps - self.unserved[0][1] if self.unserved else 0  # steps on the oldest unserved change
         if first:
             return "first model" if since_steps >= trig.first_publish_steps else None
         since_s = math.inf if self.published_at is None else self.clock() - self.published_at
@@ -641,6 +647,7 @@ class ContinuousTrainer(TrainerLoop):
             loss=loss,
             reason=reason,
             metrics={"batch_size": self.batch_size},
+            absorbed=self.absorbed,
         )
 
     # -- publishing (in the publisher thread)
@@ -703,6 +710,7 @@ class ContinuousTrainer(TrainerLoop):
         pub.served, pub.served_version = c.model, version
         self.published_at = self.clock()
         self.published_revisions = c.snapshot.revisions
+        self.served_absorbed = c.absorbed
         self.steps_at_publish = c.steps
         miou = "" if val["val_miou"] is None else f", held-out mIoU {100 * val['val_miou']:.1f} %"
         pub.last_result = f"published v{version} ({c.reason}, step {c.steps}{miou})"

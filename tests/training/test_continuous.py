@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -196,6 +197,28 @@ def test_a_candidate_worse_than_the_served_version_is_not_published(project, mon
 
 
 _NO_IOU = {"val_per_class_iou": None, "val_pixel_acc": None}
+
+
+def test_saves_that_come_faster_than_the_publish_steps_do_not_put_the_next_version_off(project):
+    # A slow CPU: the annotator saves before every step, fewer than publish_min_steps steps apart. A version
+    # trained on the saves is still due publish_min_steps steps after the oldest save the served version lacks.
+    p = project(first_publish_steps=1, publish_min_steps=4, publish_min_interval_s=0, publish_every_s=1e9)
+    t = ContinuousTrainer(p.cfg, p.store)
+    t._poll()
+    t._train_slice(0)  # one step
+    t._poll()
+    first = t.publisher.inbox.get_nowait()
+    assert first.reason == "first model" and t.publish(first, t.publisher) is not None
+    offered: dict[int, str] = {}  # save number -> the reason of a candidate offered at the poll after it
+    for k in range(1, 6):
+        p.label(k)
+        t._poll()  # takes the save in, and offers a candidate if the rules say so
+        with contextlib.suppress(queue.Empty):
+            offered[k] = t.publisher.inbox.get_nowait().reason
+        t._train_slice(0)
+    # four steps after the first of the unserved saves, although the newest came zero steps before the poll
+    assert offered == {5: "new labels"}
+    assert t.steps - t.steps_at_publish == 5
 
 
 def test_the_trainer_idles_without_news_and_wakes_at_the_next_save(project):
