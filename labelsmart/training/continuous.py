@@ -10,8 +10,8 @@ Read top to bottom:
 - :class:`Ema` is an exponential moving average of the weights; it is what gets published (training itself runs at a
   constant learning rate after a short warm-up, a schedule made for a run with no planned end).
 - :class:`OnnxTemplate` exports the network's graph once per set of classes, before the first label arrives; each
-  version after that writes the same graph with its own weights (seconds, not the exporter's ten to twenty), and
-  the parity check against PyTorch still runs on every file.
+  version after that writes the same graph with its own weights from the publisher thread (where tracing beside
+  training would not be safe), and the parity check against PyTorch still runs on every file.
 - :class:`Publisher` is the thread that turns a candidate (a copy of the averaged weights and the labels it has
   seen) into a published version: it scores the candidate and the served version on the held-out labels and
   publishes only a candidate that is not worse (``trigger.publish_tolerance``), so an annotator never sees a
@@ -38,7 +38,6 @@ import tempfile
 import threading
 import time
 import traceback
-import warnings
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -207,9 +206,9 @@ class OnnxTemplate:
 
     def __init__(self, model: SegModel, opset: int = 18) -> None:
         """Export the graph of ``model``'s architecture and classes with the TorchScript exporter and no constant
-        folding (about 2 s for the default network on two cores, where the dynamo exporter takes 10 to 20; its
-        initializers are the weights by name). Call it from the training thread: exporters trace through global
-        state that is not safe beside training in another thread."""
+        folding (under a second for the default network; its initializers are the weights by name). Call it from
+        the training thread: exporters trace through global state that is not safe beside training in another
+        thread."""
         import onnx
 
         from labelsmart.training.export import PARITY_SHAPES, export_torchscript
@@ -224,12 +223,11 @@ class OnnxTemplate:
             for t in model.state_dict().values():
                 if t.is_floating_point():
                     t.copy_(torch.rand_like(t) + 0.5)
-        with tempfile.TemporaryDirectory(prefix="labelsmart-template-") as tmp, warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+        with tempfile.TemporaryDirectory(prefix="labelsmart-template-") as tmp:
             path = Path(tmp) / "graph.onnx"
             example = torch.rand(*PARITY_SHAPES[0], device=next(model.parameters()).device)  # (1, 3, H, W)
-            # TorchScript, not export_graph's dynamo first (10 to 20 s); no constant folding, so the initializers
-            # stay the weights by name (BatchNorm is not folded into the convolutions)
+            # no constant folding, so the initializers stay the weights by name (BatchNorm is not folded into the
+            # convolutions)
             export_torchscript(model, path, opset, example, constant_folding=False)
             self.proto = onnx.load(str(path))
         shapes = dict(self.key[2])

@@ -18,7 +18,7 @@ from labelsmart.training import export
 from labelsmart.training.data import LabelledSet
 from labelsmart.training.export import ExportError, export_onnx
 from labelsmart.training.losses import class_weights
-from labelsmart.training.model import load_checkpoint
+from labelsmart.training.model import build_model, load_checkpoint, save_checkpoint
 from labelsmart.training.round import FINETUNE, Budget, RoundCancelled, RoundResult, run_round, split_validation
 from labelsmart.training.trainer import load_snapshot, round_data, unlabelled_images
 
@@ -113,6 +113,42 @@ def test_round_then_export_then_failed_export_leaves_nothing(project, tmp_path: 
     with pytest.raises(ExportError, match="differs from PyTorch"):
         export_onnx(checkpoint, bad)
     assert list(bad.parent.iterdir()) == []
+
+
+def test_export_takes_the_torchscript_exporter_and_falls_back_to_dynamo_where_it_is_gone(
+    project, tmp_path: Path, monkeypatch
+) -> None:
+    torch.set_num_threads(1)
+    cfg, _ = project
+    classes = [{"id": i, "name": n, "color": [i, i, i]} for i, n in enumerate(["sky", "ground", "box"])]
+    checkpoint = tmp_path / "v1" / "model.pt"
+    checkpoint.parent.mkdir()
+    torch.manual_seed(0)
+    save_checkpoint(checkpoint, build_model(cfg.model, 3), cfg, classes, version=1, step=0, metrics={})
+    model, _ = load_checkpoint(checkpoint)
+    x = torch.rand(2, 3, 96, 128)  # another batch and size than the export's example
+    with torch.no_grad():
+        ref = model(x).numpy()
+
+    def serves(path: Path) -> None:
+        got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"image": x.numpy()})[0]
+        assert got.shape == (2, 3, 96, 128)
+        np.testing.assert_allclose(got, ref, atol=1e-3)
+
+    first = tmp_path / "ts" / "m.onnx"
+    assert export_onnx(checkpoint, first).details["exporter"] == "torchscript"
+    serves(first)
+
+    # a PyTorch release without the deprecated TorchScript exporter: the dynamo exporter writes the same model
+    def gone(*args, **kwargs):
+        raise RuntimeError("the TorchScript-based ONNX exporter was removed")
+
+    monkeypatch.setattr(export, "export_torchscript", gone)
+    second = tmp_path / "dynamo" / "m.onnx"
+    sidecar = export_onnx(checkpoint, second)
+    assert sidecar.details["exporter"] == "dynamo" and sidecar.details["parity_max_abs_diff"] < 1e-3
+    serves(second)
+    assert sorted(p.name for p in second.parent.iterdir()) == ["m.json", "m.onnx"]
 
 
 def test_time_budget_bounds_the_round_and_cancel_stops_it(project, tmp_path: Path) -> None:
