@@ -57,6 +57,7 @@ from labelsmart.training.losses import class_weights
 from labelsmart.training.model import SegModel, build_model, read_checkpoint, save_checkpoint
 from labelsmart.training.objectives import StepContext, finetune_step, joint_step
 from labelsmart.training.round import (
+    adamw,
     crops_per_batch,
     is_out_of_memory,
     labelled_batches,
@@ -572,7 +573,7 @@ class ContinuousTrainer(TrainerLoop):
         )
         self.model.load_state_dict(self.ema.model.state_dict())
         tc = self.cfg.train
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=tc.lr * 0.5, weight_decay=tc.weight_decay)
+        self.optimizer = adamw(self.model.parameters(), tc, lr=tc.lr * 0.5)
         self.bad_steps = 0
         self._data()
 

@@ -210,6 +210,22 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
 
 
+def adamw(params: Iterator[torch.nn.Parameter], tc: TrainConfig, lr: float | None = None) -> torch.optim.AdamW:
+    """The training optimiser: AdamW at ``lr`` (default ``train.lr``) with ``train.weight_decay``, fused.
+
+    Fused: one kernel over all parameters instead of a loop of small tensor operations, the same algorithm; on the
+    default network the optimiser's step takes 6 ms instead of 29 on one CPU thread, and training makes about 5 %
+    more steps a second (BENCHMARKS.md, twelfth pass). Where a device or a dtype has no fused kernel, the plain one.
+    """
+    params = list(params)
+    lr = tc.lr if lr is None else lr
+    try:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=tc.weight_decay, fused=True)
+    except RuntimeError as exc:  # "`fused=True` requires all the params to be floating point Tensors of supported …"
+        log.info("fused AdamW unavailable (%s); the plain one", exc)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=tc.weight_decay)
+
+
 def lr_factor(i: int, n: int) -> float:
     """Linear warm-up over the first steps of a stage, then cosine decay to 5 %."""
     warm = max(1, min(10, n // 10))
@@ -448,7 +464,7 @@ def network_and_optimiser(
     if init_checkpoint is not None and Path(init_checkpoint).is_file():
         warm_start(model, Path(init_checkpoint))
     model.to(device, memory_format=memory_format).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    optimizer = adamw(model.parameters(), tc)
     autocast = training_autocast(tc.precision, device)
     generator = torch.Generator().manual_seed(tc.seed)
     ctx = StepContext(model, tc, device, generator, memory_format, autocast, ce_weight, cfg.preprocess.std)
@@ -627,9 +643,7 @@ def _train_stages(
             budget.log_stage(PRETRAIN, time.monotonic() - stage_start)
             stage, stage_start = FINETUNE, time.monotonic()
             # fresh moments: the contrastive stage's gradient statistics do not describe the CE loss
-            training.optimizer = torch.optim.AdamW(
-                training.ctx.model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay
-            )
+            training.optimizer = adamw(training.ctx.model.parameters(), tc)
             report(stage, force=True)
         if stage == FINETUNE and budget.finished(FINETUNE):
             break

@@ -19,7 +19,16 @@ from labelsmart.training.data import LabelledSet
 from labelsmart.training.export import ExportError, export_onnx
 from labelsmart.training.losses import class_weights
 from labelsmart.training.model import build_model, load_checkpoint, save_checkpoint
-from labelsmart.training.round import FINETUNE, Budget, RoundCancelled, RoundResult, run_round, split_validation
+from labelsmart.training.round import (
+    FINETUNE,
+    Budget,
+    RoundCancelled,
+    RoundResult,
+    adamw,
+    network_and_optimiser,
+    run_round,
+    split_validation,
+)
 from labelsmart.training.trainer import load_snapshot, round_data, unlabelled_images
 
 
@@ -371,6 +380,41 @@ def test_precision_picks_the_autocast_dtype_of_the_step(tiny_cfg, monkeypatch, p
         logits = ctx.model(torch.rand(2, 3, 64, 64))
     assert logits.dtype == (want or torch.float32)  # the forward pass runs in the dtype picked
     assert all(p.dtype == torch.float32 for p in ctx.model.parameters())  # the weights stay float32
+
+
+def test_the_optimiser_is_a_fused_adamw_that_steps_as_the_plain_one_and_falls_back_to_it(tiny_cfg, monkeypatch) -> None:
+    tc = tiny_cfg.train
+    _, optimizer = network_and_optimiser(tiny_cfg, 3, torch.device("cpu"))
+    assert isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults["fused"] is True
+    assert optimizer.defaults["lr"] == tc.lr and optimizer.defaults["weight_decay"] == tc.weight_decay
+
+    torch.manual_seed(0)
+    nets = [torch.nn.Conv2d(3, 4, 3) for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    start = [p.detach().clone() for p in nets[0].parameters()]
+    grads = [torch.randn_like(p) for p in nets[0].parameters()]
+    plain_real = torch.optim.AdamW
+    steppers = [
+        adamw(nets[0].parameters(), tc),
+        plain_real(nets[1].parameters(), lr=tc.lr, weight_decay=tc.weight_decay),
+    ]
+    for _ in range(3):
+        for net, opt in zip(nets, steppers, strict=True):
+            for p, g in zip(net.parameters(), grads, strict=True):
+                p.grad = g.clone()
+            opt.step()
+    for a, b, a0 in zip(nets[0].parameters(), nets[1].parameters(), start, strict=True):
+        assert (a - a0).abs().min() > 0  # every weight moved, and both optimisers moved it alike
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+    def without_fused(params, **kw):  # a device without a fused kernel
+        if kw.get("fused"):
+            raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of supported devices")
+        return plain_real(params, **kw)
+
+    monkeypatch.setattr(torch.optim, "AdamW", without_fused)
+    fallback = adamw(nets[0].parameters(), tc, lr=0.5)
+    assert isinstance(fallback, plain_real) and not fallback.defaults["fused"] and fallback.defaults["lr"] == 0.5
 
 
 def test_auto_precision_is_bf16_on_cuda_and_a_bad_value_is_one_sentence(monkeypatch) -> None:
