@@ -119,7 +119,7 @@ def export_torchscript(
     """Write ``model.forward`` to ``path`` with the TorchScript exporter, dynamic in batch, height and width.
 
     The one TorchScript export: :func:`export_graph`'s first choice, and the continuous trainer's graph template
-    (:class:`labelsmart.training.continuous.OnnxTemplate`), which needs it for its speed beside training.
+    (:class:`labelsmart.training.continuous.OnnxTemplate`), which needs its graph without constant folding.
 
     Args:
         example: the tracing input (B, 3, H, W), of the model's dtype and device.
