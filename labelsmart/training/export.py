@@ -75,7 +75,7 @@ def export_graph(model: SegModel, path: Path, opset: int, example_input: torch.T
     """Write ``model.forward`` to ``path``; the TorchScript exporter first, the dynamo one if that fails.
 
     TorchScript first: on the default network it exports in a fraction of a second where the dynamo exporter
-    takes 7 to 9 s (one thread, AMD EPYC, BENCHMARKS.md twelfth pass), its graph runs no slower in ONNX Runtime,
+    takes 7 to 10 s (one thread, AMD EPYC, BENCHMARKS.md twelfth pass), its graph runs no slower in ONNX Runtime,
     and the continuous trainer's served versions are TorchScript graphs already. PyTorch has deprecated that
     exporter; where a release no longer has it, or it fails on a network, the dynamo exporter takes over.
 

@@ -214,8 +214,9 @@ def adamw(params: Iterator[torch.nn.Parameter], tc: TrainConfig, lr: float | Non
     """The training optimiser: AdamW at ``lr`` (default ``train.lr``) with ``train.weight_decay``, fused.
 
     Fused: one kernel over all parameters instead of a loop of small tensor operations, the same algorithm; on the
-    default network the optimiser's step takes 6 ms instead of 29 on one CPU thread, and training makes about 5 %
-    more steps a second (BENCHMARKS.md, twelfth pass). Where a device or a dtype has no fused kernel, the plain one.
+    default network the optimiser's step takes about a quarter of the time (6–8 ms instead of 29–34 on one CPU
+    thread), and training makes about 5 % more steps a second (BENCHMARKS.md, twelfth pass). Where a device or a
+    dtype has no fused kernel, the plain one.
     """
     params = list(params)
     lr = tc.lr if lr is None else lr
