@@ -6,13 +6,19 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 make_env() {  # name, requirement
-  local dir=".interop/$1"
-  if [ -x "$dir/bin/python" ] && "$dir/bin/pip" show -q "${2%%==*}" >/dev/null 2>&1; then
+  # Every package of the environment is pinned in scripts/interop/<name>.txt (a `pip freeze` of one that passed the
+  # tests): the tools' own requirements are open-ended, and a new major release of one of them (sentry-sdk 3, seen
+  # 2026-12-08) stopped Label Studio 1.23.2 from starting. An environment made from other pins is made again.
+  local dir=".interop/$1" pins="scripts/interop/$1.txt"
+  local stamp
+  stamp="$2 $(sha256sum "$pins" | cut -d' ' -f1)"
+  if [ -x "$dir/bin/python" ] && [ "$(cat "$dir/.pins" 2>/dev/null)" = "$stamp" ]; then
     return
   fi
   rm -rf "$dir"
   python -m venv "$dir"
-  "$dir/bin/pip" install -q --disable-pip-version-check "$2"
+  "$dir/bin/pip" install -q --disable-pip-version-check -c "$pins" "$2"
+  echo "$stamp" >"$dir/.pins"
 }
 make_env labelstudio label-studio==1.23.2 &
 ls_pid=$!
