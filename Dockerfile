@@ -17,7 +17,7 @@ RUN apt-get update \
     && python3 -m venv /opt/venv
 
 WORKDIR /app
-COPY requirements.txt .
+COPY requirements.txt constraints.txt ./
 RUN pip install --no-cache-dir -r requirements.txt
 COPY app.py README.md ./
 COPY labelsmart ./labelsmart
