@@ -9,8 +9,10 @@ The continuous trainer's step (the shipped network, optimiser and cross-entropy,
 - ``thread``: by the same loader in a thread, two batches ahead;
 - ``worker1``: by a DataLoader with one persistent worker process, two batches ahead.
 
-One network trains throughout; the modes take turns in blocks of SECONDS (A B C A B C ...), ROUNDS times, so all see
-the same machine. Prints each block's steps a second, then the medians and the median ratio to the first mode.
+One network trains throughout; the modes take turns in blocks of SECONDS (A B C A B C ...), ROUNDS times. Prints each
+block's steps a second, then the medians and the median ratio to the first mode. Compare with one mode per process,
+taken in turn: a process that merely holds the other modes' thread and loader process makes fewer steps in every
+mode (BENCHMARKS.md, thirteenth pass).
 """
 
 from __future__ import annotations
