@@ -31,7 +31,7 @@ from labelsmart.bench.label_efficiency import make_labels, select_subset
 from labelsmart.bench.train_speed import train_step
 from labelsmart.datasets import DataFolder
 from labelsmart.training.data import LabelledSet
-from labelsmart.training.round import EndlessSampler, endless_batches, network_and_optimiser
+from labelsmart.training.round import EndlessSampler, crops_per_batch, endless_batches, network_and_optimiser
 
 
 def threaded(batches: Iterator, depth: int = 2) -> Iterator:
@@ -52,7 +52,7 @@ def main(pool_path: str, seconds: float, rounds: int, threads: int, modes: list[
     pool = DataFolder.open(pool_path, "--pool")
     names = select_subset(pool.names("train_no_0006R0"), 20)
     dataset = LabelledSet([(pool.read_image(n), make_labels(pool.read(n)[1], "scribble")) for n in names], cfg)
-    bs = cfg.train.batch_size
+    bs = crops_per_batch(cfg.train)  # what the continuous trainer takes per step
     make = {
         "serial": lambda: endless_batches(dataset, 0, bs),
         "thread": lambda: threaded(endless_batches(dataset, 0, bs)),

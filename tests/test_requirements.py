@@ -46,8 +46,9 @@ def test_requirements_read_the_constraints_and_agree_with_them():
     text = (ROOT / "requirements.txt").read_text().splitlines()
     assert "-c constraints.txt" in text
     pins = _pins(ROOT / "constraints.txt")
+    freeze = _freeze()
     for f in ("requirements.txt", "requirements-ray.txt"):
-        for r in _freeze().top_level(ROOT / f):
+        for r in freeze.top_level(ROOT / f):
             (spec,) = r.specifier  # every top-level requirement is pinned with ==
             assert spec.operator == "==", f"{f}: {r} is not pinned"
             pinned = pins.get(canonicalize_name(r.name))
